@@ -1,0 +1,7 @@
+"""sparsetrain: neural networks made sparse while they train, as one Lightning callback."""
+
+from sparsetrain.callback import SparsityCallback
+from sparsetrain.core.errors import SparsityConfigError
+
+__all__ = ["SparsityCallback", "SparsityConfigError"]
+__version__ = "0.1.0"

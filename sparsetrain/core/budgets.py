@@ -1,0 +1,127 @@
+"""Layer-wise budgets: how many weights each target keeps for a given global sparsity.
+
+``uniform``: every layer keeps the same fraction. ``erk`` (Evci et al. 2020): layer ``l``
+with shape ``(n_out, n_in, *kernel)`` gets the raw score ``r_l = (sum(shape) / prod(shape)) ** power``
+and density ``eps * r_l``, with ``eps`` solved so that ``sum_l eps * r_l * N_l`` is the kept
+budget; a layer whose density would exceed 1 is made dense, taken out of the budget, and
+``eps`` solved again. ``er`` is the same with only ``n_out`` and ``n_in``. ``global`` has no
+fixed budget per layer: one magnitude threshold over all targets decides (see
+:func:`sparsetrain.core.masks.topk_masks`).
+
+``overrides`` maps globs on target names to a fixed per-layer *sparsity*, e.g.
+``{"*.fc.weight": 0.5}``; the other layers share what is left of the budget.
+
+Counts are exact integers: the total kept count is ``round((1 - s) * sum N_l)`` and each
+layer is within one weight of its real-valued share (largest-remainder rounding).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+
+from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.schedules import check_sparsity
+
+DISTRIBUTIONS = ("uniform", "erk", "er", "global")
+
+
+def check_distribution(distribution: str, allowed: tuple[str, ...] = DISTRIBUTIONS) -> str:
+    if distribution not in allowed:
+        raise SparsityConfigError(f"distribution={distribution!r} is unknown; allowed: {', '.join(allowed)}")
+    return distribution
+
+
+def resolve_overrides(names: list[str], overrides: Mapping[str, float] | None) -> dict[str, float]:
+    """Map each target name to its overridden sparsity; the first matching glob wins."""
+    resolved: dict[str, float] = {}
+    for glob, sparsity in (overrides or {}).items():
+        check_sparsity(sparsity, key=f"overrides[{glob!r}]")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, glob)]
+        if not matched:
+            raise SparsityConfigError(
+                f"overrides key {glob!r} matches no target; targets are: {', '.join(names[:8])}"
+                + (", ..." if len(names) > 8 else "")
+            )
+        for n in matched:
+            resolved.setdefault(n, float(sparsity))
+    return resolved
+
+
+def raw_scores(shapes: Mapping[str, tuple[int, ...]], distribution: str, power: float = 1.0) -> dict[str, float]:
+    """Unnormalised density score per layer (1 for ``uniform``)."""
+    scores = {}
+    for name, shape in shapes.items():
+        dims = shape[:2] if distribution == "er" else shape
+        if distribution == "uniform" or len(shape) < 2:
+            scores[name] = 1.0
+        else:
+            scores[name] = (sum(dims) / math.prod(dims)) ** power
+    return scores
+
+
+def layer_densities(
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    distribution: str = "erk",
+    power: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Real-valued density per layer such that ``sum density_l * N_l == (1 - sparsity) * sum N_l``."""
+    check_sparsity(sparsity)
+    check_distribution(distribution, ("uniform", "erk", "er"))
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    fixed = {n: 1.0 - s for n, s in resolve_overrides(list(shapes), overrides).items()}
+    budget = (1.0 - sparsity) * sum(sizes.values()) - sum(fixed[n] * sizes[n] for n in fixed)
+    free = [n for n in shapes if n not in fixed]
+    if budget < -1e-9 or (not free and abs(budget) > 0.5):
+        raise SparsityConfigError(
+            f"overrides={dict(overrides or {})} keep {sum(fixed[n] * sizes[n] for n in fixed):.0f} weights, "
+            f"which does not fit a global sparsity={sparsity} ({(1 - sparsity) * sum(sizes.values()):.0f} weights kept)"
+        )
+    scores = raw_scores({n: shapes[n] for n in free}, distribution, power)
+    dense: set[str] = set()
+    while True:
+        rest = [n for n in free if n not in dense]
+        remaining = budget - sum(sizes[n] for n in dense)
+        weighted = sum(scores[n] * sizes[n] for n in rest)
+        eps = remaining / weighted if weighted > 0 else 0.0
+        too_dense = [n for n in rest if eps * scores[n] > 1.0]
+        if not too_dense:
+            break
+        dense.update(too_dense)
+    if remaining < -1e-6 or (not rest and remaining > 0.5):
+        raise SparsityConfigError(
+            f"overrides={dict(overrides or {})} leave a budget for the other layers that they cannot hold "
+            f"at sparsity={sparsity}"
+        )
+    densities = {n: fixed.get(n, 1.0 if n in dense else eps * scores.get(n, 0.0)) for n in shapes}
+    return densities
+
+
+def counts_from_densities(shapes: Mapping[str, tuple[int, ...]], densities: Mapping[str, float]) -> dict[str, int]:
+    """Integer kept counts: total is the rounded real total, each layer within one of its share."""
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    shares = {n: min(densities[n], 1.0) * sizes[n] for n in shapes}
+    counts = {n: math.floor(shares[n] + 1e-9) for n in shapes}
+    missing = round(sum(shares.values())) - sum(counts.values())
+    by_remainder = sorted(shapes, key=lambda n: shares[n] - counts[n], reverse=True)
+    for n in by_remainder:
+        if missing <= 0:
+            break
+        if counts[n] < sizes[n]:
+            counts[n] += 1
+            missing -= 1
+    return counts
+
+
+def layer_counts(
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    distribution: str = "erk",
+    power: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+) -> dict[str, int]:
+    """Number of weights each layer keeps (``uniform``, ``erk`` or ``er``)."""
+    return counts_from_densities(shapes, layer_densities(shapes, sparsity, distribution, power, overrides))

@@ -1,0 +1,122 @@
+"""Boolean masks: building them (random, top-k by score) and applying them in place.
+
+A mask is a ``torch.bool`` tensor shaped like its weight (1 byte per weight); ``True`` keeps.
+Application is one in-place multiply per tensor list, done with ``torch._foreach_mul_`` so
+that all targets go in one fused call; masked positions become exactly ``0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from sparsetrain.core.budgets import layer_counts, resolve_overrides
+from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.schedules import check_sparsity
+
+Masks = dict[str, Tensor]
+
+
+def random_scores(params: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+    """Uniform random scores per target, drawn on the CPU in target order (same seed, same scores)."""
+    return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+
+
+def topk_mask(scores: Tensor, keep: int) -> Tensor:
+    """Mask of the ``keep`` largest scores (ties broken by ``torch.topk``, deterministic for equal inputs)."""
+    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if keep > 0:
+        flat[torch.topk(scores.reshape(-1), keep, sorted=False).indices] = True
+    return flat.view(scores.shape)
+
+
+def topk_masks(scores: Mapping[str, Tensor], counts: Mapping[str, int]) -> Masks:
+    """Per-layer top-k: layer ``n`` keeps its ``counts[n]`` largest scores."""
+    return {n: topk_mask(s, counts[n]) for n, s in scores.items()}
+
+
+def global_topk_masks(scores: Mapping[str, Tensor], keep: int) -> Masks:
+    """One threshold over all layers: the ``keep`` largest scores across every target survive."""
+    names = list(scores)
+    flat = torch.cat([scores[n].reshape(-1).float().to(scores[names[0]].device) for n in names])
+    kept = topk_mask(flat, keep)
+    masks, offset = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        masks[n] = kept[offset : offset + size].view(scores[n].shape).to(scores[n].device)
+        offset += size
+    return masks
+
+
+def magnitude_scores(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """``|w|`` as float32; positions outside ``masks`` get ``-inf`` so they are never chosen to keep."""
+    scores = {}
+    for n, p in params.items():
+        s = p.detach().abs().float()
+        if masks is not None and n in masks:
+            s = s.masked_fill(~masks[n], float("-inf"))
+        scores[n] = s
+    return scores
+
+
+def budget_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    distribution: str = "uniform",
+    power: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+) -> Masks:
+    """Keep the highest scores under a layer-wise budget (see :mod:`sparsetrain.core.budgets`).
+
+    ``global`` keeps the ``round((1 - sparsity) * N)`` highest scores over all targets that have
+    no override; overridden layers keep their own top-k.
+    """
+    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    if distribution != "global":
+        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides))
+    check_sparsity(sparsity)
+    fixed = resolve_overrides(list(shapes), overrides)
+    sizes = {n: s.numel() for n, s in scores.items()}
+    fixed_counts = {n: round((1.0 - fixed[n]) * sizes[n]) for n in fixed}
+    rest = [n for n in scores if n not in fixed]
+    keep = round((1.0 - sparsity) * sum(sizes.values())) - sum(fixed_counts.values())
+    if keep < 0 or keep > sum(sizes[n] for n in rest):
+        raise SparsityConfigError(
+            f"overrides={dict(overrides or {})} do not fit a global sparsity={sparsity}: "
+            f"{keep} weights would be left for the other layers, which hold {sum(sizes[n] for n in rest)}"
+        )
+    masks = topk_masks({n: scores[n] for n in fixed}, fixed_counts)
+    if rest:
+        masks.update(global_topk_masks({n: scores[n] for n in rest}, keep))
+    return {n: masks[n] for n in scores}
+
+
+def apply_masks_(tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
+    """``t *= mask`` in place for every pair, in one fused ``foreach`` call; ``None`` entries are skipped."""
+    pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
+    if not pairs:
+        return
+    ts, ms = zip(*pairs)
+    torch._foreach_mul_(list(ts), list(ms))
+
+
+def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], keep: Iterable[Tensor]) -> int:
+    """Multiply every state tensor shaped like its parameter (momentum, Adam moments, ...) by ``keep``.
+
+    Works for any ``torch.optim`` optimizer whose per-parameter state holds tensors of the
+    parameter's shape; other state entries (step counters, factored statistics) are left alone.
+    Returns how many state tensors were touched.
+    """
+    touched = 0
+    for p, k in zip(params, keep):
+        for value in optimizer.state.get(p, {}).values():
+            if isinstance(value, Tensor) and value.shape == p.shape:
+                value.mul_(k)
+                touched += 1
+    return touched
+
+
+def count_active(masks: Mapping[str, Tensor]) -> dict[str, int]:
+    return {n: int(m.sum()) for n, m in masks.items()}

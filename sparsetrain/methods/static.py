@@ -1,0 +1,39 @@
+"""Static sparsity: random masks at fit start, never updated (Liu et al. 2022)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from sparsetrain.core.budgets import check_distribution
+from sparsetrain.core.masks import Masks, budget_masks, random_scores
+from sparsetrain.core.schedules import check_sparsity
+from sparsetrain.methods.base import SparsityContext, SparsityMethod
+
+
+class Static(SparsityMethod):
+    """Random pruning at initialisation with exact per-layer counts.
+
+    Each layer keeps exactly the number of weights its budget gives (``erk``, ``er`` or
+    ``uniform``, with per-layer ``overrides`` of the sparsity by glob), at positions drawn
+    with the callback's seeded generator. The masks never change.
+
+    Example::
+
+        SparsityCallback(Static(sparsity=0.9, distribution="erk"))
+    """
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        power: float = 1.0,
+        overrides: Mapping[str, float] | None = None,
+    ):
+        self.sparsity = check_sparsity(sparsity)
+        self.distribution = check_distribution(distribution, ("uniform", "erk", "er"))
+        self.power = float(power)
+        self.overrides = dict(overrides or {})
+
+    def init_masks(self, ctx: SparsityContext) -> Masks:
+        scores = random_scores(ctx.params, ctx.generator)
+        return budget_masks(scores, self.sparsity, self.distribution, self.power, self.overrides)
