@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, apply_masks_, reset_optimizer_state_
+from sparsetrain.core.kernels import MaskKernel
+from sparsetrain.core.masks import Masks, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.targets import select_targets
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
@@ -50,6 +51,9 @@ class SparsityCallback(Callback):
         seed: seed of the generator for random masks; ``None`` takes ``torch.initial_seed()``
             (set by ``seed_everything``) from rank 0.
         log_per_layer: also log the sparsity of every target.
+        kernel: how masks are multiplied in every step: ``auto`` (compiled on CUDA, eager
+            on CPU), ``eager`` (one ``torch._foreach_mul_``) or ``compiled`` (``torch.compile``,
+            falls back to eager with one warning where compilation fails).
 
     Example::
 
@@ -66,6 +70,7 @@ class SparsityCallback(Callback):
         dense_last: bool = False,
         seed: int | None = None,
         log_per_layer: bool = True,
+        kernel: str = "auto",
     ):
         if not isinstance(method, SparsityMethod):
             raise SparsityConfigError(
@@ -77,6 +82,7 @@ class SparsityCallback(Callback):
         self.dense_first, self.dense_last = dense_first, dense_last
         self.seed = seed
         self.log_per_layer = log_per_layer
+        self.kernel = MaskKernel(kernel)
         self.targets: dict[str, Tensor] = {}
         self.masks: Masks | None = None
         self.step = 0
@@ -130,7 +136,7 @@ class SparsityCallback(Callback):
                 n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                 for n, p in self.targets.items()
             }
-        apply_masks_([p.grad for p in params], self.masks.values())
+        self.kernel([p.grad for p in params], self.masks.values())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -151,7 +157,7 @@ class SparsityCallback(Callback):
     @torch.no_grad()
     def _apply_to_weights(self) -> None:
         if self.masks is not None:
-            apply_masks_(self.targets.values(), self.masks.values())
+            self.kernel(self.targets.values(), self.masks.values())
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
@@ -212,6 +218,18 @@ class SparsityCallback(Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict  # applied in on_fit_start, once the targets are known
+
+    # A torch.Generator pickles its state as a temporary tensor, which torch.multiprocessing
+    # (ddp_spawn) shares by file descriptor and frees before the child reads it; send bytes.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["generator"] = bytes(self.generator.get_state().numpy())
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        generator = torch.Generator()
+        generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
+        self.__dict__.update(state, generator=generator)
 
     def _load_restored(self, state: dict) -> None:
         if state["method_name"] != type(self.method).__name__:

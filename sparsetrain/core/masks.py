@@ -14,9 +14,11 @@ from torch import Tensor
 
 from sparsetrain.core.budgets import layer_counts, resolve_overrides
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.schedules import check_sparsity
 
 Masks = dict[str, Tensor]
+_EAGER = MaskKernel("eager")
 
 
 def random_scores(params: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
@@ -94,12 +96,11 @@ def budget_masks(
 
 
 def apply_masks_(tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
-    """``t *= mask`` in place for every pair, in one fused ``foreach`` call; ``None`` entries are skipped."""
-    pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
-    if not pairs:
-        return
-    ts, ms = zip(*pairs)
-    torch._foreach_mul_(list(ts), list(ms))
+    """``t *= mask`` in place for every pair in one fused ``foreach`` call; ``None`` entries are skipped.
+
+    :class:`sparsetrain.core.kernels.MaskKernel` is the same with a compiled option.
+    """
+    _EAGER(tensors, masks)
 
 
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], keep: Iterable[Tensor]) -> int:

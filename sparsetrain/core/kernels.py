@@ -1,0 +1,67 @@
+"""The hot path: ``t *= mask`` in place over all targets, eager or compiled.
+
+``eager`` is one ``torch._foreach_mul_`` call (multi-tensor kernels on CUDA, a loop of
+vectorised kernels on CPU). ``compiled`` is the same loop traced by ``torch.compile``
+(Triton on CUDA, inductor's C++ backend on CPU), which fuses the bool-to-float cast into
+the multiply. ``auto`` picks ``compiled`` on CUDA and ``eager`` on CPU (see
+``experiments/results/kernels_cpu.md`` for the measurement behind that choice). If
+compilation is unavailable or fails, the kernel warns once and falls back to eager for
+good. Both give bit-identical results: multiplying by 0 or 1 is exact.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from sparsetrain.core.errors import SparsityConfigError
+
+KERNELS = ("auto", "eager", "compiled")
+
+
+def _mul_masks(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    for t, m in zip(tensors, masks):
+        t.mul_(m)
+
+
+class MaskKernel:
+    """Applies masks in place; ``kind`` is ``auto``, ``eager`` or ``compiled``."""
+
+    def __init__(self, kind: str = "auto"):
+        if kind not in KERNELS:
+            raise SparsityConfigError(f"kernel={kind!r} is unknown; allowed: {', '.join(KERNELS)}")
+        self.kind = kind
+        self._compiled = None
+        self._fell_back = False
+
+    def uses_compile(self, device: torch.device) -> bool:
+        if self._fell_back:
+            return False
+        return self.kind == "compiled" or (self.kind == "auto" and device.type == "cuda")
+
+    @torch.no_grad()
+    def __call__(self, tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
+        pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
+        if not pairs:
+            return
+        ts, ms = (list(x) for x in zip(*pairs))
+        if self.uses_compile(ts[0].device):
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(_mul_masks, fullgraph=True, dynamic=False)
+                self._compiled(ts, ms)
+                return
+            except Exception as err:  # no compiler, unsupported backend, ...: eager from now on
+                self._fell_back = True
+                warnings.warn(
+                    f"torch.compile of the mask kernel failed ({type(err).__name__}: {str(err)[:200]}); "
+                    "using the eager foreach kernel instead",
+                    stacklevel=2,
+                )
+        torch._foreach_mul_(ts, ms)
+
+    def __getstate__(self) -> dict:  # compiled functions do not pickle or deepcopy; rebuild lazily
+        return {**self.__dict__, "_compiled": None}
