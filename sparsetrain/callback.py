@@ -13,7 +13,7 @@ from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.kernels import MaskKernel
-from sparsetrain.core.masks import Masks, reset_optimizer_state_
+from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.targets import select_targets
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
@@ -35,6 +35,14 @@ class SparsityCallback(Callback):
        fused pass; on an update step ask the method for new masks, zero newly pruned weights
        and the optimizer state (momentum, Adam moments) of every position whose mask changed.
 
+    With ``reapply="auto"`` the per-step multiply of the weights is skipped when every
+    optimizer is a plain ``SGD``, ``Adam``, ``AdamW``, ``NAdam``, ``RAdam``, ``Adamax``,
+    ``Adagrad``, ``RMSprop`` or ``Adadelta``: with a zero gradient and zero state their step
+    leaves a zero weight exactly zero (weight decay included), so masking the gradients is
+    the only per-step pass over the weights. Masks are still applied to the weights at fit
+    start, at every update and at the end of every epoch. ``reapply="always"`` multiplies
+    after every step (use it with other optimizers or callbacks that write the weights).
+
     Sparsity counted from the weights (``sparsity/global``, ``sparsity/layer/<name>``) and the
     method's target (``sparsity/target``) go to the Trainer's loggers after every update and
     at the end of every training epoch. Masks, method state, RNG state and the step counter
@@ -51,6 +59,7 @@ class SparsityCallback(Callback):
         seed: seed of the generator for random masks; ``None`` takes ``torch.initial_seed()``
             (set by ``seed_everything``) from rank 0.
         log_per_layer: also log the sparsity of every target.
+        reapply: ``auto`` or ``always``: when to multiply the weights by their masks (above).
         kernel: how masks are multiplied in every step: ``auto`` (compiled on CUDA, eager
             on CPU), ``eager`` (one ``torch._foreach_mul_``) or ``compiled`` (``torch.compile``,
             falls back to eager with one warning where compilation fails).
@@ -70,6 +79,7 @@ class SparsityCallback(Callback):
         dense_last: bool = False,
         seed: int | None = None,
         log_per_layer: bool = True,
+        reapply: str = "auto",
         kernel: str = "auto",
     ):
         if not isinstance(method, SparsityMethod):
@@ -82,7 +92,11 @@ class SparsityCallback(Callback):
         self.dense_first, self.dense_last = dense_first, dense_last
         self.seed = seed
         self.log_per_layer = log_per_layer
+        if reapply not in ("auto", "always"):
+            raise SparsityConfigError(f"reapply={reapply!r} is unknown; allowed: auto, always")
+        self.reapply = reapply
         self.kernel = MaskKernel(kernel)
+        self._reapply_every_step = True
         self.targets: dict[str, Tensor] = {}
         self.masks: Masks | None = None
         self.step = 0
@@ -116,6 +130,9 @@ class SparsityCallback(Callback):
             if self.method.is_update_step(0):
                 self._update(trainer, 0)
         self._apply_to_weights()
+        self._reapply_every_step = self.reapply == "always" or not all(
+            keeps_masked_weights_zero(opt) for opt in trainer.optimizers
+        )
         self._check_ranks_agree(trainer)
         self._log(trainer, self.step)
         log.info("%s on %d targets (%s weights)", self.method, len(self.targets), f"{self.sparsity_report().numel:,}")
@@ -143,13 +160,15 @@ class SparsityCallback(Callback):
         if step == self.step:  # no optimizer step on this batch (gradient accumulation)
             return
         self.step = step
-        self._apply_to_weights()
+        if self._reapply_every_step:
+            self._apply_to_weights()
         if self.method.is_update_step(step):
             self._update(trainer, step)
             self._log(trainer, step)
         self._grads = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._apply_to_weights()
         report = self.sparsity_report()
         pl_module.log("sparsity/global", report.global_sparsity, prog_bar=True, sync_dist=True)
         pl_module.log("sparsity/target", self.method.target_sparsity(self.step), sync_dist=True)

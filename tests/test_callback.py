@@ -292,3 +292,59 @@ class NoWeights(L.LightningModule):
 def test_model_without_prunable_weights_fails_clearly():
     with pytest.raises(SparsityConfigError, match="NoWeights has no prunable weights"):
         trainer(max_epochs=1, callbacks=[SparsityCallback(GMP())]).fit(NoWeights(), random_loader())
+
+
+# ------------------------------------------------- re-applying masks to weights
+class AnyOptimizer(TinyNet):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def configure_optimizers(self):
+        return self.make(self.parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+        lambda p: torch.optim.Adam(p, lr=1e-2, weight_decay=1e-2, amsgrad=True),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+        lambda p: torch.optim.NAdam(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.RAdam(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.Adamax(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.Adagrad(p, lr=1e-2, weight_decay=1e-2),
+        lambda p: torch.optim.RMSprop(p, lr=1e-3, momentum=0.9, centered=True, weight_decay=1e-2),
+        lambda p: torch.optim.Adadelta(p, weight_decay=1e-2),
+    ],
+    ids=["sgd", "adam", "adamw", "nadam", "radam", "adamax", "adagrad", "rmsprop", "adadelta"],
+)
+def test_zero_preserving_optimizers_keep_masked_weights_exactly_zero(make):
+    """reapply='auto' skips the per-step weight multiply for these: the zeros must hold by themselves."""
+    L.seed_everything(0)
+    cb = SparsityCallback(GMP(sparsity=0.8, start=0, end=12, every=3))
+    rec = Recorder(cb)
+    trainer(max_epochs=2, callbacks=[cb, rec]).fit(AnyOptimizer(make), random_loader())
+    assert not cb._reapply_every_step
+    assert rec.masked_nonzero == 0
+
+
+class NoisySGD(torch.optim.SGD):
+    """An optimizer that moves every weight, zero gradient or not."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        return loss
+
+
+def test_other_optimizers_get_masks_reapplied_after_every_step():
+    cb = SparsityCallback(Static(sparsity=0.7))
+    rec = Recorder(cb)
+    trainer(max_epochs=1, callbacks=[cb, rec]).fit(AnyOptimizer(lambda p: NoisySGD(p, lr=0.01)), random_loader())
+    assert cb._reapply_every_step and rec.masked_nonzero == 0
+    with pytest.raises(SparsityConfigError, match="reapply='never' is unknown; allowed: auto, always"):
+        SparsityCallback(Static(), reapply="never")

@@ -1,12 +1,14 @@
 """The hot path: ``t *= mask`` in place over all targets, eager or compiled.
 
 ``eager`` is one ``torch._foreach_mul_`` call (multi-tensor kernels on CUDA, a loop of
-vectorised kernels on CPU). ``compiled`` is the same loop traced by ``torch.compile``
-(Triton on CUDA, inductor's C++ backend on CPU), which fuses the bool-to-float cast into
-the multiply. ``auto`` picks ``compiled`` on CUDA and ``eager`` on CPU (see
-``experiments/results/kernels_cpu.md`` for the measurement behind that choice). If
-compilation is unavailable or fails, the kernel warns once and falls back to eager for
-good. Both give bit-identical results: multiplying by 0 or 1 is exact.
+vectorised kernels on CPU) with the bool masks viewed as ``uint8``: the same bytes, but on
+CPU a float-by-uint8 multiply runs about 3x faster than float-by-bool (2.3 ms against
+7.4 ms for a 512x512x3x3 weight, one thread). ``compiled`` is the same loop traced by
+``torch.compile`` (Triton on CUDA, inductor's C++ backend on CPU). ``auto`` picks
+``compiled`` on CUDA and ``eager`` on CPU, where inductor's kernel measured no faster
+(7.7 ms for the same weight). If compilation is unavailable or fails, the kernel warns once
+and falls back to eager for good. Both give bit-identical results: multiplying by 0 or 1
+is exact.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ class MaskKernel:
         pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
         if not pairs:
             return
-        ts, ms = (list(x) for x in zip(*pairs))
+        ts = [t for t, _ in pairs]
+        ms = [m.view(torch.uint8) if m.dtype == torch.bool else m for _, m in pairs]
         if self.uses_compile(ts[0].device):
             try:
                 if self._compiled is None:

@@ -103,6 +103,27 @@ def apply_masks_(tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> N
     _EAGER(tensors, masks)
 
 
+#: optimizers whose step leaves a weight at exactly 0 when its gradient and its state are 0
+#: (momentum, Adam moments, accumulators: every update term is a multiple of them, and
+#: weight decay, coupled or decoupled, is a multiple of the weight itself).
+ZERO_PRESERVING_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.Adamax,
+    torch.optim.Adagrad,
+    torch.optim.RMSprop,
+    torch.optim.Adadelta,
+)
+
+
+def keeps_masked_weights_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """True for the exact classes in :data:`ZERO_PRESERVING_OPTIMIZERS` (subclasses may change ``step``)."""
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+
+
 def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[Tensor], keep: Iterable[Tensor]) -> int:
     """Multiply every state tensor shaped like its parameter (momentum, Adam moments, ...) by ``keep``.
 

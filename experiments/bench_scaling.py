@@ -1,0 +1,104 @@
+"""Per-step mask overhead vs number of target weights (5 M to 100 M), CPU.
+
+The work sparsetrain adds to a training step is two passes over the targets: zero the
+masked gradients before the optimizer step and re-apply the masks to the weights after it.
+Neither touches activations, so it cannot depend on the batch size; this script measures
+how it grows with the number of weights. Targets are conv-shaped tensors (512x512x3x3,
+2.36 M weights each) with a 90 % sparse bool mask; each point is the median of repeated
+(grads + weights) applications with the eager and, with ``--compiled``, the compiled kernel.
+
+    python experiments/bench_scaling.py [--compiled]
+
+Writes ``experiments/results/scaling_cpu.csv``, ``scaling_cpu.md`` and ``scaling_cpu.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from sparsetrain.core.kernels import MaskKernel
+
+RESULTS = Path(__file__).parent / "results"
+LAYER = (512, 512, 3, 3)
+
+
+def step_overhead_ms(n_weights: int, kernel: MaskKernel, repeats: int) -> tuple[float, int]:
+    n_layers = max(1, round(n_weights / torch.Size(LAYER).numel()))
+    weights = [torch.randn(LAYER) for _ in range(n_layers)]
+    grads = [torch.randn(LAYER) for _ in range(n_layers)]
+    masks = [torch.rand(LAYER) > 0.9 for _ in range(n_layers)]
+    kernel(grads, masks)  # warm-up (and compilation)
+    kernel(weights, masks)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernel(grads, masks)
+        kernel(weights, masks)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000, n_layers * torch.Size(LAYER).numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default="5,10,25,50,75,100", help="millions of target weights")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernel")
+    args = parser.parse_args()
+
+    kinds = ["eager"] + (["compiled"] if args.compiled else [])
+    rows = []
+    for millions in (float(m) for m in args.sizes.split(",")):
+        for kind in kinds:
+            ms, n = step_overhead_ms(int(millions * 1e6), MaskKernel(kind), args.repeats)
+            rows.append({"kernel": kind, "target_weights": n, "overhead_ms": round(ms, 2), "ns_per_weight": round(ms * 1e6 / n, 3)})
+            print(rows[-1], flush=True)
+
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "scaling_cpu.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind in kinds:
+        pts = [(r["target_weights"] / 1e6, r["overhead_ms"]) for r in rows if r["kernel"] == kind]
+        ax.plot(*zip(*pts), "o-", label=kind)
+    ax.set_xlabel("target weights (millions)")
+    ax.set_ylabel("mask overhead per step (ms)")
+    ax.set_title("sparsetrain per-step mask work, CPU")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scaling_cpu.png", dpi=120)
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    lines = [
+        "# Per-step mask overhead vs target weights (CPU)",
+        "",
+        f"Machine: {machine}. Command: `python experiments/bench_scaling.py{' --compiled' if args.compiled else ''}`. "
+        "Overhead = masking the gradients + re-applying the masks to the weights (bool masks, 90 % sparse).",
+        "",
+        "| kernel | target weights | overhead per step (ms) | ns per weight |",
+        "|---|---|---|---|",
+        *[f"| {r['kernel']} | {r['target_weights']:,} | {r['overhead_ms']:.1f} | {r['ns_per_weight']:.2f} |" for r in rows],
+        "",
+    ]
+    (RESULTS / "scaling_cpu.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
