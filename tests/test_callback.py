@@ -348,3 +348,18 @@ def test_other_optimizers_get_masks_reapplied_after_every_step():
     assert cb._reapply_every_step and rec.masked_nonzero == 0
     with pytest.raises(SparsityConfigError, match="reapply='never' is unknown; allowed: auto, always"):
         SparsityCallback(Static(), reapply="never")
+
+
+def test_gmp_never_revives_pruned_weights():
+    """A schedule value below the current sparsity (e.g. a resumed run with a longer schedule) prunes nothing back."""
+    import torch as _torch
+
+    from sparsetrain.methods import SparsityContext
+
+    params = {"w": _torch.arange(1.0, 11.0)}
+    method = GMP(sparsity=0.8, start=0, end=10, every=1)
+    method.setup(10)
+    masks = {"w": _torch.tensor([False] * 8 + [True] * 2)}  # 80 % sparse already
+    new = method.update(SparsityContext(params, masks, 10, _torch.Generator()), 5, None)  # target 0.7 there
+    assert method.target_sparsity(5) < 0.8
+    assert new["w"].tolist() == masks["w"].tolist()

@@ -103,7 +103,10 @@ class GMP(SparsityMethod):
 
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)
-        return budget_masks(scores, self.target_sparsity(step), self.distribution, self.power, self._overrides_at(step))
+        masks = budget_masks(scores, self.target_sparsity(step), self.distribution, self.power, self._overrides_at(step))
+        if ctx.masks is not None:  # never revive a pruned weight (the target can dip, e.g. on a longer resumed run)
+            masks = {n: m & ctx.masks[n] for n, m in masks.items()}
+        return masks
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         return self._prune(ctx, 0)
