@@ -1,0 +1,169 @@
+"""Cost of one RigL mask update, and its share of training time at ``every=100``.
+
+For torchvision ResNet-50 (25.5 M prunable weights) and ResNet-18 (11.7 M), on the CPU:
+
+* ``update``: ``RigL.update`` (per layer: drop the smallest ``|w|``, grow the largest
+  ``|grad|``), at 90 % ERK sparsity and the first update's drop fraction 0.3 (the largest);
+* ``callback extras``: what :class:`~sparsetrain.SparsityCallback` adds on an update step:
+  the copy of the dense gradients, the reset of SGD momentum where masks changed, and the
+  multiply of the weights by the new masks;
+* ``step``: one dense SGD training step (forward, backward, momentum step) on a random
+  32x32 batch of 64 (the models as torchvision builds them: ImageNet stem, 1000 classes);
+* ``share = (update + extras) / (every * step)``: the fraction of training time spent in
+  mask updates with one update every ``every`` steps. The goal is below 1 %.
+
+Each time is the median of ``--repeats`` runs after one warm-up, wall clock and process CPU
+time. One thread by default: on a shared machine that keeps the CPU time meaningful. Usage::
+
+    python experiments/bench_rigl_update.py            # writes experiments/results/bench_rigl_update.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+from sparsetrain.core.masks import apply_masks_, reset_optimizer_state_
+from sparsetrain.core.targets import select_targets
+from sparsetrain.methods import RigL, SparsityContext
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def setup_update(model: torch.nn.Module, sparsity: float, every: int):
+    """A RigL update of ``model``'s targets at its first update step, and the callback's extra work."""
+    targets = {n: p.detach() for n, p in select_targets(model).items()}
+    method = RigL(sparsity=sparsity, distribution="erk", every=every, end=100 * every)
+    method.setup(1000 * every)
+    generator = torch.Generator().manual_seed(0)
+    masks = method.init_masks(SparsityContext(targets, None, None, generator))
+    apply_masks_(targets.values(), masks.values())
+    grads = {n: torch.randn_like(p) for n, p in targets.items()}
+    ctx = SparsityContext(targets, masks, 1000 * every, generator)
+    optimizer = torch.optim.SGD(list(targets.values()), lr=0.1, momentum=0.9)
+    for p in targets.values():
+        optimizer.state[p]["momentum_buffer"] = torch.randn_like(p)
+    new = {}
+
+    def update():
+        new.update(method.update(ctx, every, grads))
+
+    def extras():  # what the callback does on an update step besides calling the method
+        {n: g.clone() for n, g in grads.items()}
+        reset_optimizer_state_(optimizer, targets.values(), [masks[n] & new[n] for n in targets])
+        apply_masks_(targets.values(), new.values())
+
+    return method, sum(p.numel() for p in targets.values()), update, extras
+
+
+def setup_step(model: torch.nn.Module):
+    """One dense SGD training step on a random 32x32 batch of 64."""
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    return step
+
+
+def bench(name: str, sparsity: float, every: int, repeats: int) -> dict:
+    """Update, extras and step timed in turn, ``repeats`` times after a warm-up, so all see the same load."""
+    model = getattr(torchvision.models, name)()  # default 1000-class head: ResNet-50 has 25.5 M weights
+    method, weights, update, extras = setup_update(model, sparsity, every)
+    step = setup_step(model)
+    update(), extras(), step()
+    runs = {"update": [], "extras": [], "step": []}
+    for _ in range(repeats):
+        for key, fn in (("update", update), ("extras", extras), ("step", step)):
+            runs[key].append(timed(fn))
+    out = {"weights": weights, "drop_fraction": method.last_metrics["rigl/drop_fraction"]}
+    for key, values in runs.items():
+        out[f"{key}_wall"] = median(v[0] for v in values)
+        out[f"{key}_cpu"] = median(v[1] for v in values)
+    for clock in ("wall", "cpu"):
+        out[f"share_{clock}"] = (out[f"update_{clock}"] + out[f"extras_{clock}"]) / (every * out[f"step_{clock}"])
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "bench_rigl_update.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    for name in ("resnet50", "resnet18"):
+        rows.append((name, bench(name, args.sparsity, args.every, args.repeats)))
+        print(name, rows[-1][1], flush=True)
+
+    lines = [
+        "# Cost of a RigL mask update",
+        "",
+        f"CPU ({platform.machine()}, {args.threads} thread(s), torch {torch.__version__}) on a machine shared with "
+        f"other jobs; medians of {args.repeats} runs after a warm-up, update and training step timed in turn so "
+        "that both see the same load. Wall-clock and process CPU time are both given: under load the CPU "
+        f"time is the steadier of the two. RigL at {100 * args.sparsity:g} % ERK sparsity at its first update "
+        f"(drop fraction {rows[0][1]['drop_fraction']}, the largest), random dense gradients. Training step: "
+        "dense SGD with momentum, random 32x32 batch of 64, torchvision models as built (ImageNet stem, "
+        "1000-class head).",
+        "",
+        "| model | prunable weights | clock | RigL.update | callback extras | training step "
+        f"| share at every={args.every} |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows:
+        for clock in ("wall", "cpu"):
+            lines.append(
+                f"| {name} | {r['weights'] / 1e6:.1f} M | {clock} | {1e3 * r[f'update_{clock}']:.0f} ms | "
+                f"{1e3 * r[f'extras_{clock}']:.0f} ms | {1e3 * r[f'step_{clock}']:.0f} ms | "
+                f"{100 * r[f'share_{clock}']:.2f} % |"
+            )
+    r50, r18 = rows[0][1], rows[1][1]
+    worst = {c: (r50[f"update_{c}"] + r50[f"extras_{c}"]) / (args.every * r18[f"step_{c}"]) for c in ("wall", "cpu")}
+    lines += [
+        "",
+        "share = (RigL.update + callback extras) / (every x training step), i.e. the fraction of training time",
+        "spent in mask updates. Callback extras: copy of the dense gradients, reset of SGD momentum where the",
+        "masks changed, multiply of the weights by the new masks.",
+        "ResNet-50's update against ResNet-18's steps (the most pessimistic pairing): "
+        f"{100 * worst['wall']:.2f} % wall, {100 * worst['cpu']:.2f} % CPU.",
+        "",
+        "Command:",
+        "",
+        "```bash",
+        " ".join(["python experiments/bench_rigl_update.py", *(argv if argv is not None else sys.argv[1:])]),
+        "```",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""RigL: Rigging the Lottery (Evci et al. 2020): drop by magnitude, grow by gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from sparsetrain.core.budgets import check_distribution
+from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.masks import Masks, budget_masks, magnitude_scores, random_scores
+from sparsetrain.core.regrowth import drop_and_grow, drop_count
+from sparsetrain.core.schedules import check_sparsity, cosine_decay, resolve_step
+from sparsetrain.methods.base import SparsityContext, SparsityMethod
+
+DROP_FRACTION_SCHEDULES = ("cosine", "constant")
+INITS = ("random", "magnitude")
+
+
+class RigL(SparsityMethod):
+    r"""Dynamic sparse training with a fixed number of weights per layer.
+
+    Fit start: each layer keeps exactly its budget (``erk``, ``er`` or ``uniform``, with
+    per-layer ``overrides``) at random positions drawn with the callback's seeded generator
+    (``init="random"``) or at its largest initial ``|w|`` (``init="magnitude"``).
+
+    Updates fire after optimizer steps ``t = every, 2 every, ...`` with ``t <= end``. There is
+    no update at step 0: fit start has no gradient. (The TF reference also updates at step 0
+    and skips the optimizer step on update steps; here the optimizer step of every batch runs
+    and the update follows it, using that step's gradient.) At an update each layer drops
+    ``k = floor(f_t * n_active)`` active weights with the smallest ``|w|`` and grows ``k``
+    positions with the largest ``|dL/dw|`` among those not kept (see
+    :mod:`sparsetrain.core.regrowth` for ties and for dropped-then-regrown weights, which keep
+    their value). ``dL/dw`` is the dense gradient of the update step's batch with respect to
+    the masked weights, copied by the callback before it masks the gradient (after gradient
+    accumulation, AMP unscaling and the DDP all-reduce). Grown weights start at 0 and their
+    optimizer state (momentum, Adam moments) at 0. Per-layer non-zero counts never change.
+
+    Drop fraction: ``cosine`` decays from ``drop_fraction`` (alpha) at the first update to 0 at
+    ``end``,
+
+    .. math:: f_t = \frac{\alpha}{2}\left(1 + \cos\frac{\pi (t - \Delta T)}{T_{end} - \Delta T}\right),
+
+    the paper's :math:`\frac{\alpha}{2}(1 + \cos(\pi t / T_{end}))` shifted by one interval so
+    that the first update (step ``ΔT``, not 0 here) drops exactly alpha. ``constant`` uses
+    alpha at every update. An update whose ``k`` is 0 everywhere changes nothing (e.g. at
+    ``end`` with ``cosine``, or every update if ``end <= every``). After ``end`` the topology is
+    frozen.
+
+    Args:
+        sparsity: global sparsity in [0, 1).
+        distribution: ``erk`` (default), ``er`` or ``uniform`` layer budgets.
+        every: steps between updates (``ΔT``); an int, or a float in (0, 1] as a fraction of training.
+        drop_fraction: alpha in (0, 1].
+        end: last step with a topology update (int steps, or a fraction of training; default 0.75).
+            An ``end`` beyond the run is allowed: updates then go on to the last step.
+        drop_fraction_schedule: ``cosine`` or ``constant``.
+        init: ``random`` or ``magnitude`` initial masks.
+        power: ERK exponent (1 = ERK, 0 = uniform).
+        overrides: per-layer sparsity by glob on target names, e.g. ``{"fc.weight": 0.5}``.
+
+    Logged at each update: ``rigl/drop_fraction`` (``f_t``) and ``rigl/regrown`` (sum of ``k``
+    over layers; weights dropped and regrown in the same update count too; the callback's
+    ``sparsity/mask_change/*`` counts only really new positions). No state beyond the
+    configuration: the schedule is a pure function of the step.
+
+    Example::
+
+        trainer = L.Trainer(max_epochs=100, callbacks=[SparsityCallback(RigL(sparsity=0.9, every=100))])
+    """
+
+    prefix = "rigl"
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        distribution: str = "erk",
+        every: int | float = 100,
+        drop_fraction: float = 0.3,
+        end: int | float = 0.75,
+        drop_fraction_schedule: str = "cosine",
+        init: str = "random",
+        power: float = 1.0,
+        overrides: Mapping[str, float] | None = None,
+    ):
+        self.sparsity = check_sparsity(sparsity)
+        self.distribution = check_distribution(distribution, ("uniform", "erk", "er"))
+        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
+            raise SparsityConfigError(f"drop_fraction={drop_fraction!r} must be a number in (0, 1]")
+        if drop_fraction_schedule not in DROP_FRACTION_SCHEDULES:
+            allowed = ", ".join(DROP_FRACTION_SCHEDULES)
+            raise SparsityConfigError(f"drop_fraction_schedule={drop_fraction_schedule!r} is unknown; allowed: {allowed}")
+        if init not in INITS:
+            raise SparsityConfigError(f"init={init!r} is unknown; allowed: {', '.join(INITS)}")
+        for key, value in (("every", every), ("end", end)):
+            resolve_step(value, 1, key)  # type and range checks that need no knowledge of the run
+        if every == 0:
+            raise SparsityConfigError("every=0 must be >= 1 (optimizer steps between updates)")
+        self.every, self.end = every, end
+        self.drop_fraction = float(drop_fraction)
+        self.drop_fraction_schedule = drop_fraction_schedule
+        self.init = init
+        self.power = float(power)
+        self.overrides = dict(overrides or {})
+        self._every: int | None = None
+        self._end: int | None = None
+
+    def setup(self, total_steps: int | None) -> None:
+        self._every = max(1, resolve_step(self.every, total_steps, "every"))
+        self._end = resolve_step(self.end, total_steps, "end")
+
+    def init_masks(self, ctx: SparsityContext) -> Masks:
+        scores = random_scores(ctx.params, ctx.generator) if self.init == "random" else magnitude_scores(ctx.params)
+        return budget_masks(scores, self.sparsity, self.distribution, self.power, self.overrides)
+
+    def is_update_step(self, step: int) -> bool:
+        if self._every is None:
+            return False
+        return 0 < step <= self._end and step % self._every == 0
+
+    def needs_grads(self, step: int) -> bool:
+        return self.is_update_step(step)
+
+    def drop_fraction_at(self, step: int) -> float:
+        """``f_t``: alpha at the first update (step ``every``), 0 at ``end`` (cosine), 0 after ``end``."""
+        if step > self._end:
+            return 0.0
+        if self.drop_fraction_schedule == "constant":
+            return self.drop_fraction
+        return cosine_decay(step, self.drop_fraction, self._end, start=self._every)
+
+    def grow_scores(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> Tensor:
+        """Grow scores, ranked by magnitude: RigL grows where the dense gradient is largest."""
+        if grads is None:
+            raise RuntimeError(f"{type(self).__name__} needs the dense gradients at an update; got none")
+        return grads[name]
+
+    @torch.no_grad()
+    def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks:
+        fraction = self.drop_fraction_at(step)
+        counts: list[int] = []
+
+        def k_of(n_active: int) -> int:
+            counts.append(drop_count(n_active, fraction, "floor"))
+            return counts[-1]
+
+        new = dict(ctx.masks)
+        if fraction > 0:
+            for name, mask in ctx.masks.items():
+                new[name] = drop_and_grow(mask, ctx.params[name], self.grow_scores(ctx, name, grads), k_of)
+        self.last_metrics = {f"{self.prefix}/drop_fraction": fraction, f"{self.prefix}/regrown": float(sum(counts))}
+        return new
