@@ -15,6 +15,7 @@ from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
+from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed
 from sparsetrain.core.targets import select_targets
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
@@ -42,6 +43,19 @@ class SparsityCallback(Callback):
     the only per-step pass over the weights. Masks are still applied to the weights at fit
     start, at every update and at the end of every epoch. ``reapply="always"`` multiplies
     after every step (use it with other optimizers or callbacks that write the weights).
+
+    Stochastic masks (:class:`~sparsetrain.methods.StochasticAnnealing`): while
+    ``method.stochastic(step)`` is true the weights and gradients are *not* multiplied by the
+    masks. Instead, at ``on_train_batch_start`` the callback samples ``w * (mask | (u < p))``
+    for every target (see :mod:`sparsetrain.core.stochastic`; ``u`` from a generator seeded with
+    ``(seed, step, batch_idx, target)``, identical on every rank, global RNG untouched) and puts
+    these tensors in place of the parameters inside their modules (``module._parameters``,
+    no hooks, no renaming); ``on_after_backward`` puts the parameters back, so autograd has given
+    each parameter ``grad * sampled_mask``. Evaluation batches (validation, test, predict) get
+    ``w * mask`` the same way. Optimizer state is reset only when masks become hard: at the
+    method's last update the excluded weights and their state are zeroed, and from then on the
+    masks are hard as for every other method. Outside a batch the model holds its parameters:
+    state-dict keys, ``deepcopy`` and pickling are unaffected.
 
     Sparsity counted from the weights (``sparsity/global``, ``sparsity/layer/<name>``) and the
     method's target (``sparsity/target``) go to the Trainer's loggers after every update and
@@ -96,6 +110,8 @@ class SparsityCallback(Callback):
             raise SparsityConfigError(f"reapply={reapply!r} is unknown; allowed: auto, always")
         self.reapply = reapply
         self.kernel = MaskKernel(kernel)
+        self.sampler = StochasticKernel(kernel)
+        self._swap: ParameterSwap | None = None
         self._reapply_every_step = True
         self.targets: dict[str, Tensor] = {}
         self.masks: Masks | None = None
@@ -129,7 +145,7 @@ class SparsityCallback(Callback):
                 self.masks = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in self.masks.items()}
             if self.method.is_update_step(0):
                 self._update(trainer, 0)
-        self._apply_to_weights()
+        self._apply_to_weights()  # not while the masks are stochastic
         self._reapply_every_step = self.reapply == "always" or not all(
             keeps_masked_weights_zero(opt) for opt in trainer.optimizers
         )
@@ -141,6 +157,21 @@ class SparsityCallback(Callback):
         return SparsityContext(self.targets, self.masks, self._total_steps, self.generator)
 
     # ----------------------------------------------------------- every step
+    def _stochastic(self, step: int) -> bool:
+        return self.masks is not None and self.method.stochastic(step)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if self._stochastic(step):
+            base, scale = self.method.forward_probabilities(self._context(), step)
+            seed = derive_seed(self._seed, step, batch_idx)
+            bases = [base[n] for n in self.targets]
+            sampled = self.sampler.sample(self.targets.values(), self.masks.values(), bases, scale, seed)
+            self._swap_in(pl_module, sampled)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -153,9 +184,11 @@ class SparsityCallback(Callback):
                 n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
                 for n, p in self.targets.items()
             }
-        self.kernel([p.grad for p in params], self.masks.values())
+        if not self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
+            self.kernel([p.grad for p in params], self.masks.values())
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self._restore()  # also when the batch had no backward
         step = trainer.global_step
         if step == self.step:  # no optimizer step on this batch (gradient accumulation)
             return
@@ -168,6 +201,7 @@ class SparsityCallback(Callback):
         self._grads = None
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()  # in case a callback ended the epoch between batch start and end
         self._apply_to_weights()
         report = self.sparsity_report()
         pl_module.log("sparsity/global", report.global_sparsity, prog_bar=True, sync_dist=True)
@@ -175,8 +209,63 @@ class SparsityCallback(Callback):
 
     @torch.no_grad()
     def _apply_to_weights(self) -> None:
-        if self.masks is not None:
+        if self.masks is not None and not self._stochastic(self.step):
             self.kernel(self.targets.values(), self.masks.values())
+
+    # ------------------------------------------------- stochastic masks: swaps
+    def _swap_in(self, pl_module: pl.LightningModule, tensors: list[Tensor]) -> None:
+        if self._swap is None:
+            self._swap = ParameterSwap(pl_module, self.targets)
+        self._swap.swap_in(tensors)
+
+    def _restore(self) -> None:
+        if self._swap is not None:
+            self._swap.restore()
+
+    def _eval_batch_start(self, pl_module: pl.LightningModule) -> None:
+        if self._stochastic(self.step):  # evaluation sees the target network w * mask
+            self._swap_in(pl_module, self.sampler.deterministic(self.targets.values(), self.masks.values()))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._eval_batch_start(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._restore()
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._restore()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._restore()
+
+    def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``trainer.validate/test/predict(ckpt_path=...)``: take the masks from the checkpoint."""
+        if self._restored is not None and trainer.state.fn != "fit":
+            self.targets = select_targets(pl_module, self.include, self.exclude, self.dense_first, self.dense_last)
+            self._load_restored(self._restored)
+            self._restored = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._eval_start(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore()
+        self._swap = None
 
     @torch.no_grad()
     def _update(self, trainer: pl.Trainer, step: int) -> None:
@@ -187,8 +276,9 @@ class SparsityCallback(Callback):
         new = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in new.items()}
         if self.masks is not None:
             keep = [self.masks[n] & new[n] for n in self.targets]  # positions active before and after
-            for optimizer in trainer.optimizers:
-                reset_optimizer_state_(optimizer, self.targets.values(), keep)
+            if not self.method.stochastic(step):  # stochastic masks zero nothing; state resets when they turn hard
+                for optimizer in trainer.optimizers:
+                    reset_optimizer_state_(optimizer, self.targets.values(), keep)
             self._change_metrics = _mask_change(self.masks, new, keep)
         self.masks = new
         self._apply_to_weights()
@@ -243,6 +333,7 @@ class SparsityCallback(Callback):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["generator"] = bytes(self.generator.get_state().numpy())
+        state["_swap"] = None  # refers to the model
         return state
 
     def __setstate__(self, state: dict) -> None:

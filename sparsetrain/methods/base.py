@@ -55,6 +55,24 @@ class SparsityMethod:
         """New masks after step ``step``, or ``None`` for no change."""
         return None
 
+    def stochastic(self, step: int) -> bool:
+        """Whether the training forwards after step ``step`` sample stochastic masks.
+
+        While this is true (stochastic subnetwork annealing), the callback calls
+        :meth:`forward_probabilities` and, instead of zeroing weights and gradients outside the
+        masks, swaps sampled masked weights into the model for every training forward (and
+        the target-masked weights for evaluation). Hard-mask methods keep the default ``False``.
+        """
+        return False
+
+    def forward_probabilities(self, ctx: SparsityContext, step: int) -> tuple[dict[str, Tensor], float]:
+        """``(base, scale)``: a weight outside the masks is included with probability ``base[name] * scale``.
+
+        ``base[name]`` is a float32 tensor on the target's device, 0-dim or shaped like the
+        weight. Called only while :meth:`stochastic` is true.
+        """
+        raise TypeError(f"{type(self).__name__} has no stochastic masks (its stochastic() is never true)")
+
     def target_sparsity(self, step: int) -> float:
         """The sparsity the method aims at after step ``step`` (reported next to the measured one)."""
         return self.sparsity
@@ -66,5 +84,5 @@ class SparsityMethod:
         pass
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "last_metrics")
         return f"{type(self).__name__}({args})"
