@@ -127,7 +127,7 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     weight, target = setup_tensors()
     kernel, eager = StochasticKernel("compiled"), StochasticKernel("eager")
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*eager kernel") as record:
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*eager stochastic mask kernel") as record:
         out = kernel.sample([weight], [target], [torch.tensor(0.5)], 0.5, 3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -37,7 +37,7 @@ def test_compile_failure_falls_back_with_one_warning(monkeypatch):
     kernel = MaskKernel("compiled")
     ts, ms = tensors()
     expected = [t * m for t, m in zip(ts, ms)]
-    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*eager foreach kernel") as record:
+    with pytest.warns(UserWarning, match="no C\\+\\+ compiler.*eager foreach mask kernel") as record:
         kernel(ts, ms)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

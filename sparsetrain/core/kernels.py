@@ -29,8 +29,16 @@ def _mul_masks(tensors: list[Tensor], masks: list[Tensor]) -> None:
         t.mul_(m)
 
 
-class MaskKernel:
-    """Applies masks in place; ``kind`` is ``auto``, ``eager`` or ``compiled``."""
+class CompiledKernel:
+    """Runs ``eager_fn`` or ``torch.compile(traced_fn)`` by ``kind`` (``auto``, ``eager``, ``compiled``).
+
+    ``auto`` compiles on CUDA only. The first failure to compile or run the compiled function
+    warns once and switches to ``eager_fn`` for good. Subclasses set the two functions.
+    """
+
+    eager_fn = staticmethod(_mul_masks)
+    traced_fn = staticmethod(_mul_masks)
+    name = "kernel"
 
     def __init__(self, kind: str = "auto"):
         if kind not in KERNELS:
@@ -44,27 +52,35 @@ class MaskKernel:
             return False
         return self.kind == "compiled" or (self.kind == "auto" and device.type == "cuda")
 
-    @torch.no_grad()
-    def __call__(self, tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
-        pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
-        if not pairs:
-            return
-        ts = [t for t, _ in pairs]
-        ms = [m.view(torch.uint8) if m.dtype == torch.bool else m for _, m in pairs]
-        if self.uses_compile(ts[0].device):
+    def run(self, device: torch.device, *args):
+        if self.uses_compile(device):
             try:
                 if self._compiled is None:
-                    self._compiled = torch.compile(_mul_masks, fullgraph=True, dynamic=False)
-                self._compiled(ts, ms)
-                return
+                    self._compiled = torch.compile(self.traced_fn, fullgraph=True, dynamic=False)
+                return self._compiled(*args)
             except Exception as err:  # no compiler, unsupported backend, ...: eager from now on
                 self._fell_back = True
                 warnings.warn(
-                    f"torch.compile of the mask kernel failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "using the eager foreach kernel instead",
-                    stacklevel=2,
+                    f"torch.compile of the {self.name} failed ({type(err).__name__}: {str(err)[:200]}); "
+                    f"using the eager {self.name} instead",
+                    stacklevel=3,
                 )
-        torch._foreach_mul_(ts, ms)
+        return self.eager_fn(*args)
 
     def __getstate__(self) -> dict:  # compiled functions do not pickle or deepcopy; rebuild lazily
         return {**self.__dict__, "_compiled": None}
+
+
+class MaskKernel(CompiledKernel):
+    """Applies masks in place: ``t *= mask`` for every pair; ``kind`` is ``auto``, ``eager`` or ``compiled``."""
+
+    eager_fn = staticmethod(torch._foreach_mul_)
+    name = "foreach mask kernel"
+
+    @torch.no_grad()
+    def __call__(self, tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
+        pairs = [(t, m) for t, m in zip(tensors, masks) if t is not None]
+        if pairs:
+            ts = [t for t, _ in pairs]
+            ms = [m.view(torch.uint8) if m.dtype == torch.bool else m for _, m in pairs]
+            self.run(ts[0].device, ts, ms)

@@ -37,14 +37,13 @@ to eager for good, like :class:`sparsetrain.core.kernels.MaskKernel`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.kernels import KERNELS
+from sparsetrain.core.kernels import CompiledKernel
 
 _MASK64 = (1 << 64) - 1
 
@@ -128,21 +127,15 @@ def sample_masked_weight(
     return _sample([weight], [target], [k], [p], torch.tensor(_TWO_24, device=weight.device))[0]
 
 
-class StochasticKernel:
+class StochasticKernel(CompiledKernel):
     """Sampled masked weights for a list of targets; ``kind`` is ``auto``, ``eager`` or ``compiled``."""
 
-    def __init__(self, kind: str = "auto"):
-        if kind not in KERNELS:
-            raise SparsityConfigError(f"kernel={kind!r} is unknown; allowed: {', '.join(KERNELS)}")
-        self.kind = kind
-        self._compiled = None
-        self._fell_back = False
-        self._generators: dict[torch.device, torch.Generator] = {}
+    eager_fn = traced_fn = staticmethod(_sample)
+    name = "stochastic mask kernel"
 
-    def uses_compile(self, device: torch.device) -> bool:
-        if self._fell_back:
-            return False
-        return self.kind == "compiled" or (self.kind == "auto" and device.type == "cuda")
+    def __init__(self, kind: str = "auto"):
+        super().__init__(kind)
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -173,19 +166,7 @@ class StochasticKernel:
         draws = self.draws(weights, seed)
         device = weights[0].device
         scale24 = torch.tensor(float(scale) * _TWO_24, dtype=torch.float32).to(device, non_blocking=True)
-        if self.uses_compile(device):
-            try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(_sample, fullgraph=True, dynamic=False)
-                return self._compiled(weights, targets, draws, bases, scale24)
-            except Exception as err:  # no compiler, unsupported backend, ...: eager from now on
-                self._fell_back = True
-                warnings.warn(
-                    f"torch.compile of the stochastic mask kernel failed ({type(err).__name__}: {str(err)[:200]}); "
-                    "using the eager kernel instead",
-                    stacklevel=2,
-                )
-        return _sample(weights, targets, draws, bases, scale24)
+        return self.run(device, weights, targets, draws, bases, scale24)
 
     @staticmethod
     @torch.no_grad()
@@ -193,8 +174,8 @@ class StochasticKernel:
         """``w * target`` per target, without gradient (the network that evaluation sees)."""
         return [w.detach() * t.view(torch.uint8) for w, t in zip(weights, targets)]
 
-    def __getstate__(self) -> dict:  # compiled functions and generators do not pickle; rebuild lazily
-        return {**self.__dict__, "_compiled": None, "_generators": {}}
+    def __getstate__(self) -> dict:  # generators do not pickle either; rebuild lazily
+        return {**super().__getstate__(), "_generators": {}}
 
 
 class ParameterSwap:
