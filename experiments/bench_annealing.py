@@ -44,6 +44,8 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bench_overhead import Classifier, StepEnd, StepStart  # same timing as the overhead benchmark
+
 from sparsetrain import SparsityCallback
 from sparsetrain.apps.models import LOCAL_MODELS, build_model
 from sparsetrain.core import budget_masks, random_scores, select_targets
@@ -53,39 +55,6 @@ from sparsetrain.methods import Static, StochasticAnnealing
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = ["dense", "static", "annealing", "annealing_random", "annealing_compiled"]
-
-
-class Classifier(L.LightningModule):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self.model(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-
-
-class StepStart(L.Callback):
-    def __init__(self):
-        self.t0 = 0.0
-
-    def on_train_batch_start(self, trainer, *args):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.t0 = time.perf_counter()
-
-
-class StepEnd(L.Callback):
-    def __init__(self, start: StepStart):
-        self.start, self.times = start, []
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter() - self.start.t0)
 
 
 def make_callbacks(variant: str) -> list[L.Callback]:

@@ -61,25 +61,33 @@ class Classifier(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
+def _sync(trainer: L.Trainer) -> None:
+    if trainer.strategy.root_device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class StepStart(L.Callback):
     """First in the callback list: notes when a training step starts."""
 
     def __init__(self):
         self.t0 = 0.0
 
-    def on_train_batch_start(self, *args):
+    def on_train_batch_start(self, trainer, *args):
+        _sync(trainer)
         self.t0 = time.perf_counter()
 
 
 class StepEnd(L.Callback):
-    """Last in the callback list: records the whole step, mask work included, then measures memory."""
+    """Last in the callback list: records the whole step, mask work included, then (optionally) memory."""
 
-    def __init__(self, start: StepStart, measure_memory):
+    def __init__(self, start: StepStart, measure_memory=None):
         self.start, self.times, self.measure_memory, self.extra_bytes = start, [], measure_memory, 0.0
 
-    def on_train_batch_end(self, *args):
+    def on_train_batch_end(self, trainer, *args):
+        _sync(trainer)
         self.times.append(time.perf_counter() - self.start.t0)
-        self.extra_bytes = self.measure_memory()  # outside the timed window
+        if self.measure_memory is not None:
+            self.extra_bytes = self.measure_memory()  # outside the timed window
 
 
 def make_callbacks(method: str) -> list[L.Callback]:
