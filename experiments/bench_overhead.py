@@ -35,6 +35,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import timm
 import torchvision
 from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
@@ -128,7 +129,7 @@ class HookTimer:
 
 def torch_prune(model: nn.Module) -> None:
     """The plain PyTorch way: reparametrise every target with a global L1 mask."""
-    modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    modules = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]  # the same targets as ours
     prune.global_unstructured([(m, "weight") for m in modules], prune.L1Unstructured, amount=0.9)
 
 
@@ -180,7 +181,8 @@ def time_gmp_update(model: nn.Module, repeats: int = 5) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--model", default="resnet18", help="a torchvision or timm model name")
+    parser.add_argument("--patch-size", type=int, default=16, help="ViTs only (4 suits 32x32 images)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5)
@@ -189,7 +191,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(args.model, num_classes=10)
+    if args.model in torchvision.models.list_models():
+        model = torchvision.models.get_model(args.model, num_classes=10)
+    else:  # a timm name, e.g. vit_tiny_patch16_224: ViTs get the image size and --patch-size
+        kwargs = {"img_size": args.image_size, "patch_size": args.patch_size} if args.model.startswith("vit_") else {}
+        model = timm.create_model(args.model, num_classes=10, **kwargs)
     n = args.batch_size * args.steps  # one epoch = --steps batches
     data = TensorDataset(torch.randn(n, 3, args.image_size, args.image_size), torch.randint(0, 10, (n,)))
     loader = DataLoader(data, batch_size=args.batch_size)
@@ -237,7 +243,8 @@ def main() -> None:
         f"# Step-time overhead: {args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, CPU",
         "",
         f"Machine: {machine}. Command: `python experiments/bench_overhead.py --model {args.model} "
-        f"--image-size {args.image_size} --batch-size {args.batch_size} --rounds {args.rounds} --steps {args.steps} --methods {args.methods}`",
+        + (f"--patch-size {args.patch_size} " if args.model.startswith("vit_") else "")
+        + f"--image-size {args.image_size} --batch-size {args.batch_size} --rounds {args.rounds} --steps {args.steps} --methods {args.methods}`",
         "",
         "| method | median step (s) | step ratio vs dense | mask work per step (ms) | mask work / dense step "
         "| extra bytes / target weight | timed steps |",
