@@ -5,6 +5,7 @@ over ``n`` Bernoulli(p) trials must lie within ``5 * sqrt(p (1 - p) / n)`` of ``
 sampler fails such a check with probability below 1e-6 per check).
 """
 
+from contextlib import nullcontext
 import copy
 import math
 import pickle
@@ -326,14 +327,6 @@ def test_state_dict_keys_deepcopy_and_pickle_while_annealing():
     assert checked == [2, 5] and list(model.state_dict()) == keys
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def test_exact_resume_from_epoch_checkpoint(tmp_path):
     """2E epochs straight == E epochs, checkpoint, fresh Trainer resumed to 2E: masks, base probabilities, weights."""
 
@@ -347,7 +340,7 @@ def test_exact_resume_from_epoch_checkpoint(tmp_path):
         model, cb = TinyNet(), make()
         callbacks = [cb] + ([ModelCheckpoint(dirpath=dirpath, save_last=True)] if dirpath else [])
         t = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=dirpath is not None)
-        with pytest.warns(UserWarning, match="beyond") if epochs == 2 else _nothing():
+        with pytest.warns(UserWarning, match="beyond") if epochs == 2 else nullcontext():
             t.fit(model, random_loader(), ckpt_path=ckpt_path)
         return model, cb
 

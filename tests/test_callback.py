@@ -1,5 +1,6 @@
 """SparsityCallback with real Lightning Trainers on a tiny model."""
 
+from contextlib import nullcontext
 import math
 
 import lightning as L
@@ -137,7 +138,7 @@ def test_exact_resume_from_epoch_checkpoint(tmp_path, method):
         model, cb = TinyNet(), make()
         callbacks = [cb] + ([ModelCheckpoint(dirpath=dirpath, save_last=True)] if dirpath else [])
         t = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=dirpath is not None)
-        with pytest.warns(UserWarning, match="beyond") if (method == "gmp" and epochs == 2) else _nothing():
+        with pytest.warns(UserWarning, match="beyond") if (method == "gmp" and epochs == 2) else nullcontext():
             t.fit(model, random_loader(), ckpt_path=ckpt_path)
         return model, cb
 
@@ -152,14 +153,6 @@ def test_exact_resume_from_epoch_checkpoint(tmp_path, method):
     # the checkpoint carries masks, method state, RNG state and the step
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]["SparsityCallback"]
     assert state["step"] == 16 and list(state["masks"]) == TARGETS and state["masks"]["fc1.weight"].dtype == torch.bool
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_resume_with_other_method_fails_clearly(tmp_path):
