@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparsetrain import SparsityCallback, SparsityConfigError
+from sparsetrain.core import kernels
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.methods import GMP
 from tests.helpers import TinyNet, random_loader, trainer
@@ -27,6 +28,22 @@ def test_unknown_kernel_is_refused():
 def test_auto_is_eager_on_cpu():
     assert not MaskKernel("auto").uses_compile(torch.device("cpu"))
     assert MaskKernel("auto").uses_compile(torch.device("cuda"))
+
+
+def test_eager_cpu_chunks_large_tensors_with_the_same_result(monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_CHUNK", 100)  # 1000 = 10 chunks, 250 = 3 (the last short), 60 = whole
+    g = torch.Generator().manual_seed(1)
+    big, odd, small = torch.randn(10, 100, generator=g), torch.randn(5, 50, generator=g), torch.randn(60, generator=g)
+    strided = torch.randn(300, 4, generator=g).t()  # not contiguous: multiplied whole
+    ts = [big, odd, small, strided]
+    ms = [torch.rand(t.shape, generator=g) > 0.5 for t in ts]
+    chunked_ts, chunked_ms = kernels.cpu_chunks(ts, [m.view(torch.uint8) for m in ms])
+    assert [t.numel() for t in chunked_ts] == [100] * 10 + [100, 100, 50] + [60, 1200]
+    assert all(t.data_ptr() == c.data_ptr() for t, c in [(big, chunked_ts[0]), (odd, chunked_ts[10])])  # views
+    expected = [t * m for t, m in zip(ts, ms)]
+    MaskKernel("eager")(ts, ms)
+    for t, e in zip(ts, expected):
+        assert torch.equal(t, e)
 
 
 def test_compile_failure_falls_back_with_one_warning(monkeypatch):
