@@ -44,7 +44,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bench_overhead import Classifier, StepEnd, StepStart  # same timing as the overhead benchmark
+from timing import Classifier, StepEnd, StepStart  # same timing as the overhead benchmark
 
 from sparsetrain import SparsityCallback
 from sparsetrain.apps.models import LOCAL_MODELS, build_model
