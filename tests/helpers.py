@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from pathlib import Path
+
 import lightning as L
+import pytest
 import torch
 from torch import nn
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -54,3 +59,26 @@ def trainer(**kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def straight_and_resumed(make_callback, tmp_path: Path, warns_at_half: bool = True):
+    """Trains TinyNet 4 epochs straight, then 2 epochs with a checkpoint and a fresh Trainer resumed to 4.
+
+    Returns ``(straight_model, straight_callback, resumed_model, resumed_callback)``; the
+    checkpoint is ``tmp_path / "last.ckpt"``. ``warns_at_half``: the 2-epoch run warns that
+    the schedule reaches beyond training (it was set for 4).
+    """
+
+    def run(epochs, ckpt_path=None, dirpath=None):
+        L.seed_everything(0)
+        model, cb = TinyNet(), make_callback()
+        callbacks = [cb] + ([ModelCheckpoint(dirpath=dirpath, save_last=True)] if dirpath else [])
+        t = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=dirpath is not None)
+        with pytest.warns(UserWarning, match="beyond") if (warns_at_half and epochs == 2) else nullcontext():
+            t.fit(model, random_loader(), ckpt_path=ckpt_path)
+        return model, cb
+
+    straight, cb_straight = run(4)
+    run(2, dirpath=tmp_path)
+    resumed, cb_resumed = run(4, ckpt_path=tmp_path / "last.ckpt")
+    return straight, cb_straight, resumed, cb_resumed

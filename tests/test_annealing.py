@@ -5,7 +5,6 @@ over ``n`` Bernoulli(p) trials must lie within ``5 * sqrt(p (1 - p) / n)`` of ``
 sampler fails such a check with probability below 1e-6 per check).
 """
 
-from contextlib import nullcontext
 import copy
 import math
 import pickle
@@ -28,7 +27,7 @@ from sparsetrain.core.stochastic import (
 )
 from sparsetrain.methods import GMP, StochasticAnnealing
 from sparsetrain.weights_from import WeightsFrom
-from tests.helpers import TinyNet, random_loader, trainer
+from tests.helpers import TinyNet, random_loader, straight_and_resumed, trainer
 
 TARGETS = ["conv.weight", "fc1.weight", "fc2.weight"]
 
@@ -335,18 +334,7 @@ def test_exact_resume_from_epoch_checkpoint(tmp_path):
             StochasticAnnealing(0.8, start=4, end=24, probabilities="random", schedule="exponential"), seed=5
         )
 
-    def run(epochs, ckpt_path=None, dirpath=None):
-        L.seed_everything(0)
-        model, cb = TinyNet(), make()
-        callbacks = [cb] + ([ModelCheckpoint(dirpath=dirpath, save_last=True)] if dirpath else [])
-        t = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=dirpath is not None)
-        with pytest.warns(UserWarning, match="beyond") if epochs == 2 else nullcontext():
-            t.fit(model, random_loader(), ckpt_path=ckpt_path)
-        return model, cb
-
-    straight, cb_straight = run(4)
-    run(2, dirpath=tmp_path)
-    resumed, cb_resumed = run(4, ckpt_path=tmp_path / "last.ckpt")
+    straight, cb_straight, resumed, cb_resumed = straight_and_resumed(make, tmp_path)
     assert cb_resumed.step == cb_straight.step == 32
     for n in TARGETS:
         assert torch.equal(cb_straight.masks[n], cb_resumed.masks[n])

@@ -1,6 +1,5 @@
 """SparsityCallback with real Lightning Trainers on a tiny model."""
 
-from contextlib import nullcontext
 import math
 
 import lightning as L
@@ -14,7 +13,7 @@ from torch import nn
 from sparsetrain import SparsityCallback, SparsityConfigError
 from sparsetrain.core import layer_counts
 from sparsetrain.methods import GMP, Dense, Static
-from tests.helpers import TinyNet, random_loader, trainer
+from tests.helpers import TinyNet, random_loader, straight_and_resumed, trainer
 
 TARGETS = ["conv.weight", "fc1.weight", "fc2.weight"]
 
@@ -133,18 +132,7 @@ def test_exact_resume_from_epoch_checkpoint(tmp_path, method):
             return SparsityCallback(GMP(sparsity=0.8, start=2, end=30, every=3))
         return SparsityCallback(Static(sparsity=0.8), seed=3)
 
-    def run(epochs, ckpt_path=None, dirpath=None):
-        L.seed_everything(0)
-        model, cb = TinyNet(), make()
-        callbacks = [cb] + ([ModelCheckpoint(dirpath=dirpath, save_last=True)] if dirpath else [])
-        t = trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=dirpath is not None)
-        with pytest.warns(UserWarning, match="beyond") if (method == "gmp" and epochs == 2) else nullcontext():
-            t.fit(model, random_loader(), ckpt_path=ckpt_path)
-        return model, cb
-
-    straight, cb_straight = run(4)
-    run(2, dirpath=tmp_path)
-    resumed, cb_resumed = run(4, ckpt_path=tmp_path / "last.ckpt")
+    straight, cb_straight, resumed, cb_resumed = straight_and_resumed(make, tmp_path, warns_at_half=method == "gmp")
     assert cb_resumed.step == cb_straight.step == 32
     for n in TARGETS:
         assert torch.equal(cb_straight.masks[n], cb_resumed.masks[n])
