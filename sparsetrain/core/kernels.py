@@ -47,6 +47,12 @@ def cpu_chunks(tensors: list[Tensor], masks: list[Tensor]) -> tuple[list[Tensor]
     return chunked_tensors, chunked_masks
 
 
+def _eager_mask_mul(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    if tensors[0].device.type == "cpu":
+        tensors, masks = cpu_chunks(tensors, masks)
+    torch._foreach_mul_(tensors, masks)
+
+
 class CompiledKernel:
     """Runs ``eager_fn`` or ``torch.compile(traced_fn)`` by ``kind`` (``auto``, ``eager``, ``compiled``).
 
@@ -92,7 +98,7 @@ class CompiledKernel:
 class MaskKernel(CompiledKernel):
     """Applies masks in place: ``t *= mask`` for every pair; ``kind`` is ``auto``, ``eager`` or ``compiled``."""
 
-    eager_fn = staticmethod(torch._foreach_mul_)
+    eager_fn = staticmethod(_eager_mask_mul)
     name = "foreach mask kernel"
 
     @torch.no_grad()
@@ -101,7 +107,4 @@ class MaskKernel(CompiledKernel):
         if pairs:
             ts = [t for t, _ in pairs]
             ms = [m.view(torch.uint8) if m.dtype == torch.bool else m for _, m in pairs]
-            device = ts[0].device
-            if device.type == "cpu" and not self.uses_compile(device):
-                ts, ms = cpu_chunks(ts, ms)
-            self.run(device, ts, ms)
+            self.run(ts[0].device, ts, ms)
