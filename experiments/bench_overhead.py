@@ -195,8 +195,9 @@ def benchmark(
     mask = {m: statistics.median(t) if t else None for m, t in mask_times.items()}
     if "rigl" in names:  # amortise the update cost, measured in the same round, over every=100 steps
         times["rigl"] = [r + max(e - r, 0.0) / 100 for r, e in zip(times["rigl"], times["rigl_every1"])]
-        mask["rigl"] += max(mask["rigl_every1"] - mask["rigl"], 0.0) / 100
-        added["rigl"] = [a + max(mask["rigl_every1"] - mask["rigl"], 0.0) / 100 * 1000 for a in added["rigl"]]
+        update_share = max(mask["rigl_every1"] - mask["rigl"], 0.0) / 100  # seconds per step, from the timed hooks
+        mask["rigl"] += update_share
+        added["rigl"] = [a + update_share * 1000 for a in added["rigl"]]
     dense = times["dense"]
     dense_median = statistics.median(dense)
     rows = []
@@ -222,7 +223,7 @@ def benchmark(
 
 def added_columns(added_ms: list[float] | None, dense_s: float) -> dict:
     """The profiled work a method adds per step: mean and range over the profiled runs, and against a dense step."""
-    if added_ms is None or added_ms == []:
+    if not added_ms:
         return {"added_work_ms": None, "added_work_min_ms": None, "added_work_max_ms": None, "added_work_vs_dense_step": None}
     mean = statistics.mean(added_ms)
     return {
