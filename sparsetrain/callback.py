@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 from collections.abc import Sequence
@@ -9,7 +10,8 @@ from collections.abc import Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.kernels import MaskKernel
@@ -17,7 +19,11 @@ from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optim
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed
 from sparsetrain.core.targets import select_targets
+from sparsetrain.core.validation import check_choice, check_int
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
+
+CONFIG_CHANGES = ("error", "continue")
+FINALIZE = ("warn", "prune")
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,23 @@ class SparsityCallback(Callback):
     gradients and identical weights with an identically seeded generator; after every update
     the callback checks that the masks agree on every rank and raises if they do not.
 
+    Steps, several optimizers, unknown length. A step is one optimizer step, every optimizer
+    counted (Lightning's ``trainer.global_step``): with manual optimization and two optimizers
+    (a GAN) a batch makes two steps. Every step is seen, also when a batch makes several: the
+    updates of all steps a batch crossed run at its end, each with the gradients that its own
+    optimizer stepped with and moving only the targets that optimizer trains. Fractions of
+    training resolve against the real number of optimizer steps (for manual optimization,
+    ``len(trainer.optimizers)`` steps per batch, checked after every batch; a batch that makes
+    another number fails with a message asking for int steps). With data of unknown length
+    and no ``max_steps``, fractions fail at fit start; int steps work.
+
+    Targets are chosen at fit start, once the model is final (after ``setup()``,
+    ``configure_model()`` and the strategy's wrapping): the default prunable weights (see
+    :func:`sparsetrain.core.select_targets`) that some optimizer trains. Frozen weights
+    (``requires_grad=False``) and weights in no optimizer are left out, with a log line; a glob
+    in ``include`` that names them makes them targets anyway, and then no drop-and-grow method
+    ever grows into them.
+
     Args:
         method: a :class:`~sparsetrain.methods.base.SparsityMethod` (``GMP``, ``Static``, ...).
         include, exclude: globs on parameter names added to / removed from the default
@@ -77,6 +100,21 @@ class SparsityCallback(Callback):
         kernel: how masks are multiplied in every step: ``auto`` (compiled on CUDA, eager
             on CPU), ``eager`` (one ``torch._foreach_mul_``) or ``compiled`` (``torch.compile``,
             falls back to eager with one warning where compilation fails).
+        on_config_change: what a resume does when the checkpoint was written with another
+            configuration (the method's arguments or the target selection; ``seed`` does not
+            count, the checkpoint's generator wins): ``error`` (default) fails at fit start
+            naming every change; ``continue`` warns and trains on from the checkpoint's masks
+            with the new configuration (its schedule from the checkpoint's step on).
+        finalize: what happens when a fit ends (early stopping, ``max_time``, a schedule longer
+            than the run) with fewer zeros than the method's final sparsity: ``warn`` (default)
+            says so; ``prune`` also prunes to the final sparsity at once (the method's final
+            masks, e.g. GMP's magnitude pruning to ``sparsity``), without fine-tuning after it.
+
+    Two callbacks on one Trainer (e.g. one method for the backbone, another for the head) need
+    disjoint targets: give them ``include``/``exclude`` globs. Each callback's checkpoint key
+    (``state_key``) is built from these, so both resume. A second ``fit`` with the same callback
+    and the same model continues from the current masks (the schedule restarts at the new fit's
+    step); a new model gets new masks.
 
     Example::
 
@@ -95,6 +133,8 @@ class SparsityCallback(Callback):
         log_per_layer: bool = True,
         reapply: str = "auto",
         kernel: str = "auto",
+        on_config_change: str = "error",
+        finalize: str = "warn",
     ):
         if not isinstance(method, SparsityMethod):
             raise SparsityConfigError(
@@ -104,14 +144,15 @@ class SparsityCallback(Callback):
         self.method = method
         self.include, self.exclude = include, exclude
         self.dense_first, self.dense_last = dense_first, dense_last
-        self.seed = seed
+        self.seed = None if seed is None else check_int(seed, "seed", meaning="seed of the mask generator, or None")
         self.log_per_layer = log_per_layer
-        if reapply not in ("auto", "always"):
-            raise SparsityConfigError(f"reapply={reapply!r} is unknown; allowed: auto, always")
-        self.reapply = reapply
+        self.reapply = check_choice(reapply, "reapply", ("auto", "always"))
+        self.on_config_change = check_choice(on_config_change, "on_config_change", CONFIG_CHANGES)
+        self.finalize = check_choice(finalize, "finalize", FINALIZE)
         self.kernel = MaskKernel(kernel)
         self.sampler = StochasticKernel(kernel)
         self._swap: ParameterSwap | None = None
+        self._hooks: list = []  # forward pre-hooks, only while a training batch samples stochastic masks
         self._reapply_every_step = True
         self.targets: dict[str, Tensor] = {}
         self.masks: Masks | None = None
@@ -119,32 +160,100 @@ class SparsityCallback(Callback):
         self.generator = torch.Generator()
         self._seed: int | None = None
         self._total_steps: int | None = None
-        self._grads: dict[str, Tensor] | None = None
+        self._steps_per_batch = 1
+        self._batch_start_step = 0
+        self._optimizer_targets: dict[int, frozenset[str]] = {}
+        self._grads: dict[int, dict[str, Tensor]] = {}  # by the step whose update needs them
+        self._stepped: dict[int, frozenset[str]] = {}  # targets trained by the optimizer of each step
         self._restored: dict | None = None
         self._change_metrics: dict[str, float] = {}
+        self._final = False  # finalize="prune" made the masks hard early
+        self._warned_nonfinite = False
+        self._fit_trainer: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        """``SparsityCallback``, or with the target selection appended when it is not the default."""
+        selection = dict(include=self.include, exclude=self.exclude, dense_first=self.dense_first, dense_last=self.dense_last)
+        selection = {k: v for k, v in selection.items() if v not in (None, False)}
+        return self._generate_state_key(**selection) if selection else type(self).__qualname__
 
     # ---------------------------------------------------------------- setup
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self.targets = select_targets(pl_module, self.include, self.exclude, self.dense_first, self.dense_last)
+    def _select(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Targets of the final model: default weights that an optimizer trains, plus explicit includes."""
+        targets = select_targets(pl_module, self.include, self.exclude, self.dense_first, self.dense_last)
+        in_optimizers = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+        includes = [self.include] if isinstance(self.include, str) else list(self.include or [])
+        untrained = [
+            n for n, p in targets.items()
+            if (not p.requires_grad or (in_optimizers and id(p) not in in_optimizers))
+            and not any(fnmatch.fnmatchcase(n, g) for g in includes)
+        ]
+        if untrained:
+            rank_zero_info(
+                f"SparsityCallback: {len(untrained)} weights are frozen or in no optimizer and stay dense (not targets): "
+                f"{', '.join(untrained[:8])}{', ...' if len(untrained) > 8 else ''}. Name them in include= to prune them anyway."
+            )
+            targets = {n: p for n, p in targets.items() if n not in untrained}
+        if not targets:
+            raise SparsityConfigError(
+                f"{type(pl_module).__name__} has no prunable weights that an optimizer trains: every default target is "
+                "frozen or in no optimizer. Name the parameters to prune with `include` (globs on parameter names)."
+            )
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, SparsityCallback) and other._fit_trainer == id(trainer):
+                shared = [n for n, p in targets.items() if any(p is q for q in other.targets.values())]
+                if shared:
+                    raise SparsityConfigError(
+                        f"two SparsityCallbacks on one Trainer both target {', '.join(shared[:6])}; give each its own "
+                        "weights with include=/exclude= globs (e.g. exclude='head.*' on one, exclude='backbone.*' on the other)"
+                    )
+        self._fit_trainer = id(trainer)
+        self._optimizer_targets = {
+            id(opt): frozenset(
+                n for n, p in targets.items() if p.requires_grad and any(p is q for g in opt.param_groups for q in g["params"])
+            )
+            for opt in trainer.optimizers
+        }
+        return targets
+
+    def _count_total_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
+        """All optimizer steps of this fit (``None`` if unknown): what fractions of training refer to."""
+        self._steps_per_batch = 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers))
+        total = trainer.estimated_stepping_batches
+        if self._steps_per_batch > 1 and trainer.max_epochs != -1 and math.isfinite(trainer.num_training_batches):
+            total = self._steps_per_batch * trainer.num_training_batches * max(trainer.max_epochs, 1)
+            total = min(total, trainer.max_steps) if trainer.max_steps != -1 else total
+        return int(total) if math.isfinite(total) and total > 0 else None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        total = trainer.estimated_stepping_batches
-        self._total_steps = int(total) if math.isfinite(total) else None
+        previous = self.targets
+        self.targets = self._select(trainer, pl_module)
+        self._total_steps = self._count_total_steps(trainer, pl_module)
         self.method.setup(self._total_steps)
+        self.method.check({n: tuple(p.shape) for n, p in self.targets.items()})
+        self._final = False
+        self._grads, self._stepped = {}, {}
         if self._restored is not None:
             self._load_restored(self._restored)
             self._restored = None
+        elif self.masks is not None and list(previous) == list(self.targets) and all(
+            previous[n] is p for n, p in self.targets.items()
+        ):
+            self.step = trainer.global_step
+            rank_zero_info(
+                f"SparsityCallback: a new fit of the same model continues from the masks of the previous fit "
+                f"({self.sparsity_report().global_sparsity:.2%} sparse); the schedule restarts at step {self.step}. "
+                "Use a new SparsityCallback to start from fresh masks."
+            )
         else:
             self._seed = self.seed if self.seed is not None else torch.initial_seed() % (2**63)
             self._seed = int(trainer.strategy.broadcast(self._seed, src=0))
             self.generator.manual_seed(self._seed)
-            self.step = 0
+            self.step = trainer.global_step
             self.masks = self.method.init_masks(self._context())
             if self.masks is not None:
                 self.masks = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in self.masks.items()}
-            if self.method.is_update_step(0):
-                self._update(trainer, 0)
         self._apply_to_weights()  # not while the masks are stochastic
         self._reapply_every_step = self.reapply == "always" or not all(
             keeps_masked_weights_zero(opt) for opt in trainer.optimizers
@@ -153,21 +262,44 @@ class SparsityCallback(Callback):
         self._log(trainer, self.step)
         log.info("%s on %d targets (%s weights)", self.method, len(self.targets), f"{self.sparsity_report().numel:,}")
 
-    def _context(self) -> SparsityContext:
-        return SparsityContext(self.targets, self.masks, self._total_steps, self.generator)
+    def _context(self, stepped: frozenset[str] | None = None) -> SparsityContext:
+        return SparsityContext(self.targets, self.masks, self._total_steps, self.generator, stepped)
 
     # ----------------------------------------------------------- every step
     def _stochastic(self, step: int) -> bool:
-        return self.masks is not None and self.method.stochastic(step)
+        return self.masks is not None and not self._final and self.method.stochastic(step)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
-        step = trainer.global_step
+        step = self._batch_start_step = trainer.global_step
         if self._stochastic(step):
-            base, scale = self.method.forward_probabilities(self._context(), step)
-            seed = derive_seed(self._seed, step, batch_idx)
-            bases = [base[n] for n in self.targets]
-            sampled = self.sampler.sample(self.targets.values(), self.masks.values(), bases, scale, seed)
-            self._swap_in(pl_module, sampled)
+            self._batch = (step, batch_idx)
+            self._forward = 0
+            self._sample(pl_module)
+            self._seen: set[int] = set()
+            modules = {id(m): m for m, _, _ in self._swap.owners}
+            self._hooks = [m.register_forward_pre_hook(self._on_target_forward) for m in modules.values()]
+
+    def _sample(self, pl_module: pl.LightningModule) -> None:
+        """Swap freshly sampled masked weights in: forward ``f`` of batch ``b`` at step ``t`` draws from
+        ``derive_seed(seed, t, b)`` (``f = 0``) or ``derive_seed(seed, t, b, f)``."""
+        step, batch_idx = self._batch
+        base, scale = self.method.forward_probabilities(self._context(), step)
+        seed = derive_seed(self._seed, step, batch_idx, *([self._forward] if self._forward else []))
+        bases = [base[n] for n in self.targets]
+        self._swap_in(pl_module, self.sampler.sample(self.targets.values(), self.masks.values(), bases, scale, seed))
+
+    def _on_target_forward(self, module: nn.Module, args) -> None:
+        """A module that owns a target runs: a second run in the same batch is a new forward, with a new sample."""
+        if id(module) in self._seen or not self._swap.active:
+            self._forward += 1
+            self._seen = set()
+            self._sample(self._swap.model)
+        self._seen.add(id(module))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
@@ -177,28 +309,45 @@ class SparsityCallback(Callback):
     ) -> None:
         if self.masks is None:
             return
-        params = list(self.targets.values())
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        names = self._optimizer_targets.get(id(optimizer), frozenset(n for n, p in self.targets.items() if p.requires_grad))
         upcoming = trainer.global_step + 1
-        if self._grads is None and self.method.needs_grads(upcoming):
-            self._grads = {
-                n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
-                for n, p in self.targets.items()
+        self._stepped[upcoming] = names
+        if self.method.needs_grads(upcoming):  # only targets that really got a gradient from this step
+            self._grads[upcoming] = {
+                n: p.grad.detach().clone() for n, p in self.targets.items() if n in names and p.grad is not None
             }
         if not self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
-            self.kernel([p.grad for p in params], self.masks.values())
+            pairs = [(p.grad, self.masks[n]) for n, p in self.targets.items() if n in names]
+            self.kernel([g for g, _ in pairs], [m for _, m in pairs])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self._restore()  # also when the batch had no backward
+        self._remove_hooks()
         step = trainer.global_step
+        self._check_steps_per_batch(step - self._batch_start_step)
         if step == self.step:  # no optimizer step on this batch (gradient accumulation)
             return
+        crossed = range(self.step + 1, step + 1)
         self.step = step
         if self._reapply_every_step:
             self._apply_to_weights()
-        if self.method.is_update_step(step):
-            self._update(trainer, step)
-            self._log(trainer, step)
-        self._grads = None
+        for t in crossed:  # several with manual optimization and several optimizers
+            if self.method.is_update_step(t):
+                self.step = t
+                self._update(trainer, t, self._grads.pop(t, None), self._stepped.get(t))
+                self._log(trainer, t)
+        self.step = step
+        self._grads, self._stepped = {}, {}
+
+    def _check_steps_per_batch(self, made: int) -> None:
+        """Fractions of training assume ``len(optimizers)`` steps per batch under manual optimization."""
+        if self._steps_per_batch > 1 and made != self._steps_per_batch and self.method.uses_fractions():
+            raise SparsityConfigError(
+                f"a training batch made {made} optimizer steps, but {type(self.method).__name__}'s schedule has "
+                f"fractions of training, resolved for {self._steps_per_batch} steps per batch (one per optimizer, "
+                "manual optimization): give start/end/every as int numbers of optimizer steps (trainer.global_step)"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()  # in case a callback ended the epoch between batch start and end
@@ -206,6 +355,35 @@ class SparsityCallback(Callback):
         report = self.sparsity_report()
         pl_module.log("sparsity/global", report.global_sparsity, prog_bar=True, sync_dist=True)
         pl_module.log("sparsity/target", self.method.target_sparsity(self.step), sync_dist=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore()
+        self._remove_hooks()
+        if self._below_final(trainer) and self.finalize == "prune":
+            new = self.method.final_masks(self._context())
+            if new is not None:
+                self._final = True
+                self._set_masks(trainer, new, self.step, reset_state=True)
+                self._log(trainer, self.step)
+                rank_zero_info(f"SparsityCallback(finalize='prune'): pruned to {self.sparsity_report().global_sparsity:.2%}")
+        if self._below_final(trainer):
+            report = self.sparsity_report()
+            rank_zero_warn(
+                f"SparsityCallback: training ended after step {self.step} of {self._total_steps or 'an unknown number of'} "
+                f"optimizer steps at {report.global_sparsity:.2%} sparsity, below the {self.method.sparsity:.2%} that "
+                f"{type(self.method).__name__} aims at (its schedule ends at step {self._schedule_end()}). "
+                "Train longer or resume, or pass finalize='prune' to prune to the target at the end of fit."
+            )
+
+    def _below_final(self, trainer: pl.Trainer) -> bool:
+        if self.masks is None or not self.targets:
+            return False
+        report = self.sparsity_report()
+        return report.zeros < report.numel - round((1.0 - self.method.sparsity) * report.numel)
+
+    def _schedule_end(self):
+        steps = self.method._steps
+        return "?" if steps is None else steps.end
 
     @torch.no_grad()
     def _apply_to_weights(self) -> None:
@@ -245,9 +423,14 @@ class SparsityCallback(Callback):
         self._restore()
 
     def _eval_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``trainer.validate/test/predict(ckpt_path=...)``: take the masks from the checkpoint."""
+        """``trainer.validate/test/predict(ckpt_path=...)``: take the masks (and targets) from the checkpoint."""
         if self._restored is not None and trainer.state.fn != "fit":
-            self.targets = select_targets(pl_module, self.include, self.exclude, self.dense_first, self.dense_last)
+            names = self._restored["targets"]
+            params = dict(pl_module.named_parameters())
+            missing = [n for n in names if n not in params]
+            if missing:
+                raise SparsityConfigError(f"the checkpoint has masks for {missing[:4]}, which this model does not have")
+            self.targets = {n: params[n] for n in names}
             self._load_restored(self._restored)
             self._restored = None
 
@@ -262,21 +445,51 @@ class SparsityCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
+        self._remove_hooks()
+        if isinstance(exception, KeyboardInterrupt) and self._below_final(trainer):
+            rank_zero_warn(
+                f"SparsityCallback: interrupted at step {self.step} at {self.sparsity_report().global_sparsity:.2%} "
+                f"sparsity, below the target {self.method.sparsity:.2%}; resume from a checkpoint to finish the schedule"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
+        self._remove_hooks()
         self._swap = None
 
     @torch.no_grad()
-    def _update(self, trainer: pl.Trainer, step: int) -> None:
-        new = self.method.update(self._context(), step, self._grads)
-        self._grads = None
-        if new is None:
-            return
+    def _update(self, trainer: pl.Trainer, step: int, grads: dict[str, Tensor] | None, stepped) -> None:
+        nonfinite = self._nonfinite(step, grads)
+        new = self.method.update(self._context(stepped), step, grads)
+        if new is not None:
+            self._set_masks(trainer, new, step, reset_state=not self.method.stochastic(step))
+        if nonfinite:  # NaN * 0 is NaN: masked positions of non-finite weights need an explicit 0
+            for n in nonfinite:
+                self.targets[n].masked_fill_(~self.masks[n], 0.0)
+
+    def _nonfinite(self, step: int, grads: dict[str, Tensor] | None) -> list[str]:
+        """Targets whose weight holds NaN/inf (warned once per fit, also for non-finite gradients)."""
+        if self.masks is None:
+            return []
+        names = list(self.targets)
+        flags = torch.stack([~torch.isfinite(p).all() for p in self.targets.values()]).tolist()
+        bad = [n for n, f in zip(names, flags) if f]
+        bad_grads = [n for n, g in (grads or {}).items() if not bool(torch.isfinite(g).all())]
+        if (bad or bad_grads) and not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"SparsityCallback: non-finite values at the update of step {step}: weights in {bad[:4]}, gradients in "
+                f"{bad_grads[:4]}. NaN/inf scores rank as the least important: such weights are pruned or dropped first "
+                "(and set to 0) and never grown into; counts stay exact. (Warned once per fit.)"
+            )
+        return bad
+
+    @torch.no_grad()
+    def _set_masks(self, trainer: pl.Trainer, new: Masks, step: int, reset_state: bool) -> None:
         new = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in new.items()}
         if self.masks is not None:
             keep = [self.masks[n] & new[n] for n in self.targets]  # positions active before and after
-            if not self.method.stochastic(step):  # stochastic masks zero nothing; state resets when they turn hard
+            if reset_state:  # stochastic masks zero nothing; state resets when they turn hard
                 for optimizer in trainer.optimizers:
                     reset_optimizer_state_(optimizer, self.targets.values(), keep)
             self._change_metrics = _mask_change(self.masks, new, keep)
@@ -285,10 +498,24 @@ class SparsityCallback(Callback):
         self._check_ranks_agree(trainer)
 
     # -------------------------------------------------------------- reports
-    def sparsity_report(self) -> SparsityReport:
-        """Zeros counted in every target weight right now."""
+    def sparsity_report(self, model: nn.Module | None = None) -> SparsityReport:
+        """Zeros counted in every target weight right now.
+
+        ``model``: count in this model's weights instead, the targets chosen by this callback's
+        include/exclude settings (e.g. in the launching process after ``strategy="ddp_spawn"``,
+        where the trained weights come back into your model but the callback's masks stay in
+        the worker processes).
+        """
+        if model is not None:
+            chosen = select_targets(model, self.include, self.exclude, self.dense_first, self.dense_last)
+            names = [n for n in self.targets if n in chosen] or [n for n, p in chosen.items() if p.requires_grad]
+            return sparsity_report({n: chosen[n] for n in names})
         if not self.targets:
-            raise RuntimeError("SparsityCallback has no targets yet: call trainer.fit first")
+            raise RuntimeError(
+                "SparsityCallback has no targets in this process: call trainer.fit first. After a fit with "
+                "strategy='ddp_spawn' the masks stay in the worker processes, but the trained weights are back in your "
+                "model: use callback.sparsity_report(model)."
+            )
         return sparsity_report(self.targets)
 
     def _log(self, trainer: pl.Trainer, step: int) -> None:
@@ -314,12 +541,20 @@ class SparsityCallback(Callback):
             )
 
     # ----------------------------------------------------------- checkpoint
+    def _config(self) -> dict:
+        """What a resume must share with the run that wrote the checkpoint (plain values only)."""
+        selection = dict(include=self.include, exclude=self.exclude, dense_first=self.dense_first, dense_last=self.dense_last)
+        config = {f"{type(self.method).__name__}.{k}": v for k, v in self.method.hparams().items()}
+        config.update({f"SparsityCallback.{k}": v for k, v in selection.items()})
+        return {k: _plain(v) for k, v in config.items() if _plain(v) is not _NOT_PLAIN}
+
     def state_dict(self) -> dict:
         return {
             "targets": list(self.targets),
             "masks": None if self.masks is None else {n: m.detach().cpu() for n, m in self.masks.items()},
             "method": self.method.state_dict(),
             "method_name": type(self.method).__name__,
+            "config": self._config(),
             "generator": self.generator.get_state(),
             "seed": self._seed,
             "step": self.step,
@@ -334,6 +569,7 @@ class SparsityCallback(Callback):
         state = self.__dict__.copy()
         state["generator"] = bytes(self.generator.get_state().numpy())
         state["_swap"] = None  # refers to the model
+        state["_hooks"] = []
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -353,10 +589,37 @@ class SparsityCallback(Callback):
                 f"the checkpoint has masks for targets {list(masks)[:4]}... but this model's targets are "
                 f"{list(self.targets)[:4]}...; resume with the same model and include/exclude settings"
             )
+        saved, now = state.get("config") or {}, self._config()  # checkpoints before 0.2 hold no config
+        changed = [k for k in {**saved, **now} if saved and saved.get(k) != now.get(k)]
+        if changed:
+            changes = "; ".join(f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)
+            if self.on_config_change == "error":
+                raise SparsityConfigError(
+                    f"the checkpoint was written with another sparsity configuration ({changes}). Resume with the "
+                    "configuration of the checkpoint, or pass SparsityCallback(on_config_change='continue') to train on "
+                    "from its masks with the new one"
+                )
+            rank_zero_warn(f"SparsityCallback(on_config_change='continue'): resuming with a changed configuration ({changes})")
         self.masks = None if masks is None else {n: m.to(self.targets[n].device) for n, m in masks.items()}
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])
         self._seed, self.step = state["seed"], state["step"]
+
+
+_NOT_PLAIN = object()
+
+
+def _plain(value):
+    """``value`` as plain Python (numbers, strings, lists, dicts), or ``_NOT_PLAIN`` (tensors, objects)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items) else items
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return _NOT_PLAIN if any(v is _NOT_PLAIN for v in items.values()) else items
+    return _NOT_PLAIN
 
 
 def _mask_change(old: Masks, new: Masks, kept: list[Tensor]) -> dict[str, float]:

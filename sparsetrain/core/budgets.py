@@ -20,24 +20,23 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.schedules import check_sparsity
+from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
+LAYER_DISTRIBUTIONS = ("uniform", "erk", "er")  # a fixed count per layer (what RigL, SET and Static need)
 
 
 def check_distribution(distribution: str, allowed: tuple[str, ...] = DISTRIBUTIONS) -> str:
-    if distribution not in allowed:
-        raise SparsityConfigError(f"distribution={distribution!r} is unknown; allowed: {', '.join(allowed)}")
-    return distribution
+    return check_choice(distribution, "distribution", allowed)
 
 
 def resolve_overrides(names: list[str], overrides: Mapping[str, float] | None) -> dict[str, float]:
     """Map each target name to its overridden sparsity; the first matching glob wins."""
     resolved: dict[str, float] = {}
-    for glob, sparsity in (overrides or {}).items():
-        check_sparsity(sparsity, key=f"overrides[{glob!r}]")
+    for glob, sparsity in check_globs(overrides, "overrides").items():
         matched = [n for n in names if fnmatch.fnmatchcase(n, glob)]
         if not matched:
             raise SparsityConfigError(
@@ -125,3 +124,69 @@ def layer_counts(
 ) -> dict[str, int]:
     """Number of weights each layer keeps (``uniform``, ``erk`` or ``er``)."""
     return counts_from_densities(shapes, layer_densities(shapes, sparsity, distribution, power, overrides))
+
+
+def global_counts(
+    shapes: Mapping[str, tuple[int, ...]], sparsity: float, overrides: Mapping[str, float] | None = None
+) -> tuple[dict[str, int], int]:
+    """``distribution="global"``: the kept count of every overridden layer, and the count the others share."""
+    check_sparsity(sparsity)
+    fixed = resolve_overrides(list(shapes), overrides)
+    sizes = {n: math.prod(s) for n, s in shapes.items()}
+    fixed_counts = {n: round((1.0 - fixed[n]) * sizes[n]) for n in fixed}
+    rest = sum(sizes[n] for n in shapes if n not in fixed)
+    keep = round((1.0 - sparsity) * sum(sizes.values())) - sum(fixed_counts.values())
+    if keep < 0 or keep > rest:
+        raise SparsityConfigError(
+            f"overrides={dict(overrides or {})} do not fit a global sparsity={sparsity}: "
+            f"{keep} weights would be left for the other layers, which hold {rest}"
+        )
+    return fixed_counts, keep
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How a global sparsity is shared among the targets: the one budget object of every method.
+
+    ``distribution``: ``uniform``, ``erk``, ``er`` (a count per layer, see :func:`layer_counts`) or
+    ``global`` (one magnitude threshold over all targets, where the method allows it); ``power``:
+    the ERK exponent (1 = ERK, 0 = uniform); ``overrides``: globs on target names mapped to a fixed
+    per-layer sparsity. Values are checked at construction; :meth:`check` runs the arithmetic on
+    the real target shapes at fit start, so a budget that cannot be met fails before training.
+
+    Example::
+
+        >>> Budget("erk", overrides={"fc.*": 0.5}).counts({"conv.weight": (16, 3, 3, 3), "fc.weight": (10, 64)}, 0.8)
+        {'conv.weight': 34, 'fc.weight': 320}
+    """
+
+    distribution: str = "erk"
+    power: float = 1.0
+    overrides: dict[str, float] = field(default_factory=dict)
+    allowed: tuple[str, ...] = field(default=DISTRIBUTIONS, compare=False, repr=False)
+
+    def __post_init__(self):
+        check_distribution(self.distribution, self.allowed)
+        object.__setattr__(self, "power", check_number(self.power, "power", meaning="ERK exponent: 1 = ERK, 0 = uniform"))
+        object.__setattr__(self, "overrides", check_globs(self.overrides, "overrides"))
+
+    def with_overrides(self, overrides: Mapping[str, float]) -> Budget:
+        return replace(self, overrides=dict(overrides))
+
+    def counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, int]:
+        """Kept weights per layer (``uniform``, ``erk``, ``er``)."""
+        return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides)
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]], *sparsities: float) -> None:
+        """Raise now if any of ``sparsities`` cannot be met on targets of these shapes."""
+        for sparsity in sparsities:
+            if self.distribution == "global":
+                global_counts(shapes, sparsity, self.overrides)
+            else:
+                self.counts(shapes, sparsity)
+
+    def masks(self, scores, sparsity: float):
+        """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`)."""
+        from sparsetrain.core.masks import budget_masks  # masks.py builds on this module
+
+        return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides)

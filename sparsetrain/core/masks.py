@@ -12,10 +12,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import layer_counts, resolve_overrides
-from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.budgets import global_counts, layer_counts
 from sparsetrain.core.kernels import MaskKernel
-from sparsetrain.core.schedules import check_sparsity
 
 Masks = dict[str, Tensor]
 _EAGER = MaskKernel("eager")
@@ -78,18 +76,9 @@ def budget_masks(
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     if distribution != "global":
         return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides))
-    check_sparsity(sparsity)
-    fixed = resolve_overrides(list(shapes), overrides)
-    sizes = {n: s.numel() for n, s in scores.items()}
-    fixed_counts = {n: round((1.0 - fixed[n]) * sizes[n]) for n in fixed}
-    rest = [n for n in scores if n not in fixed]
-    keep = round((1.0 - sparsity) * sum(sizes.values())) - sum(fixed_counts.values())
-    if keep < 0 or keep > sum(sizes[n] for n in rest):
-        raise SparsityConfigError(
-            f"overrides={dict(overrides or {})} do not fit a global sparsity={sparsity}: "
-            f"{keep} weights would be left for the other layers, which hold {sum(sizes[n] for n in rest)}"
-        )
-    masks = topk_masks({n: scores[n] for n in fixed}, fixed_counts)
+    fixed_counts, keep = global_counts(shapes, sparsity, overrides)
+    rest = [n for n in scores if n not in fixed_counts]
+    masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts)
     if rest:
         masks.update(global_topk_masks({n: scores[n] for n in rest}, keep))
     return {n: masks[n] for n in scores}

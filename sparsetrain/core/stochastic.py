@@ -192,6 +192,7 @@ class ParameterSwap:
 
     def __init__(self, model: nn.Module, params: dict[str, Tensor]):
         wanted = {id(p): i for i, p in enumerate(params.values())}
+        self.model = model
         self.params = list(params.values())
         self.owners: list[tuple[nn.Module, str, int]] = []
         seen = set()

@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import check_distribution
+from sparsetrain.core.budgets import Budget
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, budget_masks, magnitude_scores, random_scores
-from sparsetrain.core.schedules import check_sparsity, resolve_step, warn_if_beyond_training
+from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
+from sparsetrain.core.schedules import UpdateSchedule
 from sparsetrain.core.stochastic import annealing_scale
+from sparsetrain.core.validation import check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 TARGETS = ("magnitude", "random", "from_checkpoint")
@@ -118,23 +119,12 @@ class StochasticAnnealing(SparsityMethod):
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
     ):
-        for key, value, allowed in (
-            ("target", target, TARGETS),
-            ("probabilities", probabilities, PROBABILITIES),
-            ("schedule", schedule, ANNEALING_SCHEDULES),
-        ):
-            if value not in allowed:
-                raise SparsityConfigError(f"{key}={value!r} is unknown; allowed: {', '.join(allowed)}")
-        if isinstance(initial_probability, bool) or not isinstance(initial_probability, (int, float)) or not (
-            0.0 <= initial_probability <= 1.0
-        ):
-            raise SparsityConfigError(f"initial_probability={initial_probability!r} must be a number in [0, 1]")
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-            raise SparsityConfigError(f"rate={rate!r} must be a number > 0 (decay rate of schedule='exponential')")
-        for key, value in (("start", start), ("end", end)):
-            resolve_step(value, 1, key)  # type checks that need no knowledge of the run
-        if isinstance(start, int) and isinstance(end, int) and end < start:
-            raise SparsityConfigError(f"end={end} is before start={start}; end must be >= start")
+        self.target = check_choice(target, "target", TARGETS)
+        self.probabilities = check_choice(probabilities, "probabilities", PROBABILITIES)
+        self.schedule = check_choice(schedule, "schedule", ANNEALING_SCHEDULES)
+        self.initial_probability = check_number(initial_probability, "initial_probability", 0.0, 1.0)
+        self.rate = check_number(rate, "rate", 0.0, low_open=True, meaning="decay rate of schedule='exponential'")
+        self.updates = UpdateSchedule(start, end, every=None)  # the target is chosen at start, hard at end
 
         self._masks: Masks | None = None
         if target == "from_checkpoint":
@@ -158,29 +148,18 @@ class StochasticAnnealing(SparsityMethod):
             if sparsity is None:
                 raise SparsityConfigError(f"sparsity is required with target={target!r} (a number in [0, 1))")
         self.sparsity = check_sparsity(sparsity)
-        self.target = target
         self.masks = str(masks) if isinstance(masks, (str, Path)) else (None if masks is None else "<dict>")
-        self.distribution = check_distribution(distribution)
-        self.initial_probability = float(initial_probability)
-        self.probabilities = probabilities
-        self.schedule = schedule
-        self.start, self.end = start, end
-        self.rate = float(rate)
-        self.power = float(power)
-        self.overrides = dict(overrides or {})
-        self._start: int | None = None
-        self._end: int | None = None
+        self.budget = Budget(distribution, power, overrides)
         self._base: dict[str, Tensor] | None = None  # b_i per target, set at `start`
 
     # ------------------------------------------------------------ schedule
-    def setup(self, total_steps: int | None) -> None:
-        self._start = resolve_step(self.start, total_steps, "start")
-        self._end = resolve_step(self.end, total_steps, "end")
-        if self._end < self._start:
-            raise SparsityConfigError(
-                f"end={self.end} ({self._end} steps) is before start={self.start} ({self._start} steps)"
-            )
-        warn_if_beyond_training(self._end, total_steps, "end", self.end)
+    @property
+    def _start(self) -> int | None:
+        return None if self._steps is None else self._steps.start
+
+    @property
+    def _end(self) -> int | None:
+        return None if self._steps is None else self._steps.end
 
     def scale(self, step: int) -> float:
         """``f(t)``: 1 at ``start``, exactly 0 from ``end`` on, along ``schedule``."""
@@ -202,11 +181,6 @@ class StochasticAnnealing(SparsityMethod):
             return self._begin(ctx)
         return {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.params.items()}  # dense until start
 
-    def is_update_step(self, step: int) -> bool:
-        if self._start is None:
-            return False
-        return step == self._end or (step == self._start and step > 0)
-
     @torch.no_grad()
     def update(self, ctx: SparsityContext, step: int, grads=None) -> Masks | None:
         if self._base is None:  # step == start > 0: choose the target
@@ -223,7 +197,7 @@ class StochasticAnnealing(SparsityMethod):
                 scores = magnitude_scores(ctx.params, ctx.masks)
             else:
                 scores = random_scores(ctx.params, ctx.generator)
-            masks = budget_masks(scores, self.sparsity, self.distribution, self.power, self.overrides)
+            masks = self.budget.masks(scores, self.sparsity)
         tau0 = self.initial_probability
         if self.probabilities == "random":
             self._base = {
@@ -261,9 +235,13 @@ class StochasticAnnealing(SparsityMethod):
 
     def load_state_dict(self, state: dict) -> None:
         self._base = state["base"]
-        if self._start is None:  # evaluation without setup (trainer.test(ckpt_path=...)): the saved schedule
-            self._start, self._end = state["start_step"], state["end_step"]
+        if self._steps is None:  # evaluation without setup (trainer.test(ckpt_path=...)): the saved schedule
+            self._steps = UpdateSchedule(state["start_step"], state["end_step"], every=None)
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and v not in (None, {}))
-        return f"StochasticAnnealing({args})"
+    def hparams(self) -> dict:
+        return {k: v for k, v in super().hparams().items() if v is not None and v != {}}
+
+    @torch.no_grad()
+    def final_masks(self, ctx: SparsityContext) -> Masks:
+        """Hard target masks now (a fit that stopped while annealing); chosen first if before ``start``."""
+        return self._begin(ctx) if self._base is None else {n: m.clone() for n, m in ctx.masks.items()}

@@ -5,54 +5,92 @@ the current masks and, when it asked for them, the dense gradients, and returns 
 :class:`sparsetrain.SparsityCallback` applies them (weights, gradients, optimizer state).
 
 Steps are optimizer steps: step ``t`` is the moment right after the ``t``-th optimizer step
-(Lightning's ``trainer.global_step``), and step ``0`` is fit start.
+(Lightning's ``trainer.global_step``, every optimizer counted), and step ``0`` is fit start.
+When a method updates is one shared object, :class:`~sparsetrain.core.schedules.UpdateSchedule`
+(``self.updates``, resolved at fit start into ``self._steps``); how a sparsity is shared among
+layers is another, :class:`~sparsetrain.core.budgets.Budget` (``self.budget``). A method holds
+only its math: what to drop, what to grow, how many.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from sparsetrain.core.budgets import Budget
 from sparsetrain.core.masks import Masks
+from sparsetrain.core.schedules import UpdateSchedule
 
 
 @dataclass
 class SparsityContext:
-    """What a method may look at: targets, current masks, the length of training and a seeded RNG."""
+    """What a method may look at: targets, current masks, the length of training and a seeded RNG.
+
+    ``stepped``: the targets that the optimizer step being processed trains (``None``: all). With
+    several optimizers (a GAN) or frozen layers included by name, drop-and-grow methods move only
+    these: a weight grown where nothing trains it would stay 0 for ever.
+    """
 
     params: dict[str, Tensor]
     masks: Masks | None
     total_steps: int | None
     generator: torch.Generator
+    stepped: frozenset[str] | None = None
+
+    def trains(self, name: str) -> bool:
+        return self.stepped is None or name in self.stepped
 
 
 class SparsityMethod:
     """Base class: dense, never updates. Subclasses override what they need."""
 
-    #: target sparsity used before the method has reported one
+    #: target sparsity used before the method has reported one (and the one reached at the end)
     sparsity: float = 0.0
     #: extra numbers about the last update (e.g. ``{"rigl/drop_fraction": 0.3}``), logged by the callback
     last_metrics: dict[str, float] = {}
+    #: when the method updates its masks (``None``: never)
+    updates: UpdateSchedule | None = None
+    #: ``self.updates`` resolved in optimizer steps of this fit (set by :meth:`setup`)
+    _steps: UpdateSchedule | None = None
+    #: how the sparsity is shared among layers (``None``: the method has no layer budget)
+    budget: Budget | None = None
 
     def setup(self, total_steps: int | None) -> None:
         """Resolve fractions of training into steps and validate; called at fit start."""
+        if self.updates is not None:
+            self._steps = self.updates.resolve(total_steps)
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Fail now, at fit start, if the configuration cannot work on targets of these shapes."""
+        if self.budget is not None:
+            self.budget.check(shapes, self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks | None:
         """Masks at fit start (``None``: no masks, the model stays dense)."""
         return None
 
     def is_update_step(self, step: int) -> bool:
-        """Whether :meth:`update` runs after optimizer step ``step`` (``0``: at fit start)."""
-        return False
+        """Whether :meth:`update` runs after optimizer step ``step`` (never at fit start, step 0)."""
+        return self._steps is not None and self._steps.is_update_step(step)
 
     def needs_grads(self, step: int) -> bool:
         """Whether the update after step ``step`` needs the dense gradients of that step."""
         return False
 
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks | None:
-        """New masks after step ``step``, or ``None`` for no change."""
+        """New masks after step ``step``, or ``None`` for no change.
+
+        ``grads`` holds the dense gradients of the targets that really got one at this step
+        (see :attr:`SparsityContext.stepped`); targets without one are not in it.
+        """
+        return None
+
+    def final_masks(self, ctx: SparsityContext) -> Masks | None:
+        """Masks at the end of the schedule, computed now (``SparsityCallback(finalize="prune")``
+        after a fit that stopped early); ``None``: the masks already hold the final sparsity."""
         return None
 
     def stochastic(self, step: int) -> bool:
@@ -77,6 +115,29 @@ class SparsityMethod:
         """The sparsity the method aims at after step ``step`` (reported next to the measured one)."""
         return self.sparsity
 
+    def uses_fractions(self) -> bool:
+        """Whether a step of the configuration is a fraction of training (needs its length)."""
+        return any(s.uses_fractions for s in vars(self).values() if isinstance(s, UpdateSchedule))
+
+    def hparams(self) -> dict:
+        """The constructor arguments and their values, under the names the user wrote.
+
+        Saved in checkpoints (a resume with other values fails, see
+        ``SparsityCallback(on_config_change=...)``), shown by ``repr`` and loggable as is.
+        """
+        found: dict = {}
+        for key, value in vars(self).items():
+            if key.startswith("_"):
+                continue
+            if isinstance(value, UpdateSchedule):
+                found.update(zip(value.names, (value.start, value.end, value.every)))
+            elif isinstance(value, Budget):
+                found.update(distribution=value.distribution, power=value.power, overrides=dict(value.overrides))
+            elif key != "last_metrics":
+                found[key] = value
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
+        return {n: found[n] for n in names if n in found}
+
     def state_dict(self) -> dict:
         return {}
 
@@ -84,5 +145,5 @@ class SparsityMethod:
         pass
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "last_metrics")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
         return f"{type(self).__name__}({args})"

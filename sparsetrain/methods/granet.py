@@ -5,16 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import check_distribution
+from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, budget_masks, global_topk_masks, magnitude_scores, random_scores
+from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores
 from sparsetrain.core.regrowth import drop_and_grow, drop_count
-from sparsetrain.core.schedules import SCHEDULES, check_sparsity, cosine_decay, resolve_step, scheduled_sparsity
+from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, cosine_decay, scheduled_sparsity
+from sparsetrain.core.validation import check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class GraNet(SparsityMethod):
@@ -24,8 +21,10 @@ class GraNet(SparsityMethod):
     counts for density ``d_i`` (``distribution``: ``erk``, ``er`` or ``uniform``).
 
     Updates fire after optimizer steps ``start, start + every, ...`` up to
-    ``max(end, regrowth_end)``, and always at ``end``; never at step 0 (fit start has no
-    gradient, and the schedule is still at its initial value there). At an update at step ``t``:
+    ``max(end, regrowth_end)``, and always at ``end`` (two
+    :class:`~sparsetrain.core.schedules.UpdateSchedule`\ s on one grid: pruning lands on ``end``,
+    regrowth goes on to ``regrowth_end``); never at step 0 (fit start has no gradient, and the
+    schedule is still at its initial value there). At an update at step ``t``:
 
     1. **prune**: keep the ``K_t = round((1 - s_t) * N)`` largest ``|w|`` among the active
        weights of all ``N`` target weights, with the cubic schedule
@@ -34,7 +33,8 @@ class GraNet(SparsityMethod):
        interval short; we do not); after ``end`` nothing is pruned.
     2. **neuroregeneration** (while ``t < regrowth_end``): per layer drop
        ``ceil(r_t * nnz)`` active weights of smallest ``|w|`` and grow as many positions with
-       the largest ``|dL/dw|`` (dense gradient of the step's batch) among those not kept, with
+       the largest ``|dL/dw|`` (dense gradient of the step's batch) among those not kept (only
+       in layers that the step's optimizer trains and that got a gradient), with
        :math:`r_t = \frac{r_0}{2}(1 + \cos(\pi (t - t_0)/(T_{regrow} - t_0)))`.
 
     Regrowth moves weights within a layer, so the total count after every update is exactly
@@ -80,72 +80,58 @@ class GraNet(SparsityMethod):
         schedule: str = "cubic",
     ):
         self.sparsity = check_sparsity(sparsity)
-        if not _is_number(initial_density) or not 0 < initial_density <= 1:
-            raise SparsityConfigError(f"initial_density={initial_density!r} must be a number in (0, 1]")
+        self.initial_density = check_number(initial_density, "initial_density", 0.0, 1.0, low_open=True)
         if 1 - initial_density > self.sparsity + 1e-12:
             raise SparsityConfigError(
                 f"initial_density={initial_density} is below the final density 1 - sparsity = {1 - sparsity:g}; "
                 "GraNet only prunes, so initial_density must be >= 1 - sparsity"
             )
-        self.initial_density = float(initial_density)
-        self.distribution = check_distribution(distribution, ("uniform", "erk", "er"))
-        if not _is_number(regrowth_fraction) or not 0 <= regrowth_fraction <= 1:
-            raise SparsityConfigError(f"regrowth_fraction={regrowth_fraction!r} must be a number in [0, 1]")
-        self.regrowth_fraction = float(regrowth_fraction)
-        if schedule not in SCHEDULES:
-            raise SparsityConfigError(f"schedule={schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
-        self.schedule = schedule
-        for key, value in (("start", start), ("end", end), ("every", every), ("regrowth_end", regrowth_end)):
-            resolve_step(value, 1, key)
-        if every == 0:
-            raise SparsityConfigError("every=0 must be >= 1 (optimizer steps between updates)")
-        if isinstance(start, int) and isinstance(end, int) and end < start:
-            raise SparsityConfigError(f"end={end} is before start={start}; end must be >= start")
-        self.start, self.end, self.every, self.regrowth_end = start, end, every, regrowth_end
-        self._start = self._end = self._every = self._regrowth_end = None
+        self.budget = Budget(distribution, allowed=LAYER_DISTRIBUTIONS)  # of the initial random mask
+        self.regrowth_fraction = check_number(regrowth_fraction, "regrowth_fraction", 0.0, 1.0)
+        self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+        self.updates = UpdateSchedule(start, end, every)  # pruning, landing on end
+        self.regrowth = UpdateSchedule(start, regrowth_end, every, land_on_end=False, names=("start", "regrowth_end", "every"))
+        self._regrowth_steps: UpdateSchedule | None = None
 
     @property
     def initial_sparsity(self) -> float:
         return 1.0 - self.initial_density
 
     def setup(self, total_steps: int | None) -> None:
-        self._start = resolve_step(self.start, total_steps, "start")
-        self._end = resolve_step(self.end, total_steps, "end")
-        self._every = max(1, resolve_step(self.every, total_steps, "every"))
-        self._regrowth_end = resolve_step(self.regrowth_end, total_steps, "regrowth_end")
-        if self._end < self._start:
-            raise SparsityConfigError(
-                f"end={self.end} ({self._end} steps) is before start={self.start} ({self._start} steps)"
-            )
-        if total_steps is not None and self._end > total_steps:
-            raise SparsityConfigError(
-                f"end={self.end} is step {self._end}, beyond the {total_steps} optimizer steps of this fit, "
-                "so the final sparsity would never be reached; give end <= the number of training steps"
-            )
+        super().setup(total_steps)
+        self._regrowth_steps = self.regrowth.resolve(total_steps)
+
+    def check(self, shapes) -> None:
+        self.budget.check(shapes, self.initial_sparsity)
 
     def target_sparsity(self, step: int) -> float:
-        if self._start is None:
+        if self._steps is None:
             return self.initial_sparsity
-        return scheduled_sparsity(step, self.initial_sparsity, self.sparsity, self._start, self._end, self.schedule)
+        s = self._steps
+        return scheduled_sparsity(step, self.initial_sparsity, self.sparsity, s.start, s.end, self.schedule)
 
     def regrowth_fraction_at(self, step: int) -> float:
         """``r_t``: ``r_0`` at ``start``, cosine-decayed to 0 at ``regrowth_end``."""
-        if step < self._start or step >= self._regrowth_end:
+        s = self._regrowth_steps
+        if step < s.start or step >= s.end:
             return 0.0
-        return cosine_decay(step, self.regrowth_fraction, self._regrowth_end, start=self._start)
+        return cosine_decay(step, self.regrowth_fraction, s.end, start=s.start)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         if self.initial_density == 1.0:
             return {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.params.items()}
-        return budget_masks(random_scores(ctx.params, ctx.generator), self.initial_sparsity, self.distribution)
+        return self.budget.masks(random_scores(ctx.params, ctx.generator), self.initial_sparsity)
 
     def is_update_step(self, step: int) -> bool:
-        if self._start is None or step <= 0 or step < self._start or step > max(self._end, self._regrowth_end):
-            return False
-        return (step - self._start) % self._every == 0 or step == self._end
+        return super().is_update_step(step) or (self._regrowth_steps is not None and self._regrowth_steps.is_update_step(step))
 
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step) and self.regrowth_fraction_at(step) > 0
+
+    @torch.no_grad()
+    def final_masks(self, ctx: SparsityContext) -> Masks:
+        keep = round((1.0 - self.sparsity) * sum(p.numel() for p in ctx.params.values()))
+        return global_topk_masks(magnitude_scores(ctx.params, ctx.masks), keep)
 
     @torch.no_grad()
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks:
@@ -164,7 +150,7 @@ class GraNet(SparsityMethod):
                 counts.append(drop_count(n_active, fraction, "ceil"))
                 return counts[-1]
 
-            masks = {n: drop_and_grow(m, ctx.params[n], grads[n], k_of) for n, m in masks.items()}
+            masks = {n: drop_and_grow(m, ctx.params[n], grads[n], k_of) if n in grads else m for n, m in masks.items()}
         self.last_metrics = {
             "granet/regrowth_fraction": fraction,
             "granet/regrown": float(sum(counts)),

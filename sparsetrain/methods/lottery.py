@@ -53,6 +53,10 @@ class FixedMasks(SparsityMethod):
             )
         return dict(self.masks)
 
+    def hparams(self) -> dict:
+        """Nothing to compare on resume: the masks are data, and the checkpoint's masks win."""
+        return {}
+
     def __repr__(self) -> str:
         layers = len(self.masks) if self.masks is not None else 0
         return f"FixedMasks(density={1 - self.sparsity:.4f}, layers={layers})"

@@ -7,11 +7,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import check_distribution
-from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, budget_masks, magnitude_scores, random_scores
+from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
+from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
 from sparsetrain.core.regrowth import drop_and_grow, drop_count
-from sparsetrain.core.schedules import check_sparsity, cosine_decay, resolve_step
+from sparsetrain.core.schedules import UpdateSchedule, cosine_decay
+from sparsetrain.core.validation import check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 DROP_FRACTION_SCHEDULES = ("cosine", "constant")
@@ -25,17 +25,22 @@ class RigL(SparsityMethod):
     per-layer ``overrides``) at random positions drawn with the callback's seeded generator
     (``init="random"``) or at its largest initial ``|w|`` (``init="magnitude"``).
 
-    Updates fire after optimizer steps ``t = every, 2 every, ...`` with ``t <= end``. There is
-    no update at step 0: fit start has no gradient. (The TF reference also updates at step 0
-    and skips the optimizer step on update steps; here the optimizer step of every batch runs
-    and the update follows it, using that step's gradient.) At an update each layer drops
+    Updates fire after optimizer steps ``t = start + every, start + 2 every, ...`` with
+    ``t <= end`` (and at ``start`` itself when it is >= 1), the rule of
+    :class:`~sparsetrain.core.schedules.UpdateSchedule` without a forced update at ``end``.
+    There is no update at step 0: fit start has no gradient. (The TF reference also updates at
+    step 0 and skips the optimizer step on update steps; here the optimizer step of every batch
+    runs and the update follows it, using that step's gradient.) At an update each layer drops
     ``k = floor(f_t * n_active)`` active weights with the smallest ``|w|`` and grows ``k``
     positions with the largest ``|dL/dw|`` among those not kept (see
-    :mod:`sparsetrain.core.regrowth` for ties and for dropped-then-regrown weights, which keep
-    their value). ``dL/dw`` is the dense gradient of the update step's batch with respect to
-    the masked weights, copied by the callback before it masks the gradient (after gradient
-    accumulation, AMP unscaling and the DDP all-reduce). Grown weights start at 0 and their
-    optimizer state (momentum, Adam moments) at 0. Per-layer non-zero counts never change.
+    :mod:`sparsetrain.core.regrowth` for ties, non-finite scores and dropped-then-regrown
+    weights, which keep their value). ``dL/dw`` is the dense gradient of the update step's
+    batch with respect to the masked weights, copied by the callback before it masks the
+    gradient (after gradient accumulation, AMP unscaling and the DDP all-reduce). Only layers
+    that the update step's optimizer trains move (with two optimizers, a GAN, each update moves
+    the layers of the optimizer that made that step, with its real gradients; a frozen layer
+    included by name never moves). Grown weights start at 0 and their optimizer state
+    (momentum, Adam moments) at 0. Per-layer non-zero counts never change.
 
     Drop fraction: ``cosine`` decays from ``drop_fraction`` (alpha) at the first update to 0 at
     ``end``,
@@ -43,7 +48,7 @@ class RigL(SparsityMethod):
     .. math:: f_t = \frac{\alpha}{2}\left(1 + \cos\frac{\pi (t - \Delta T)}{T_{end} - \Delta T}\right),
 
     the paper's :math:`\frac{\alpha}{2}(1 + \cos(\pi t / T_{end}))` shifted by one interval so
-    that the first update (step ``ΔT``, not 0 here) drops exactly alpha. ``constant`` uses
+    that the first update (step ``ΔT`` after ``start``, not 0 here) drops exactly alpha. ``constant`` uses
     alpha at every update. An update whose ``k`` is 0 everywhere changes nothing (e.g. at
     ``end`` with ``cosine``, or every update if ``end <= every``). After ``end`` the topology is
     frozen.
@@ -59,6 +64,7 @@ class RigL(SparsityMethod):
         init: ``random`` or ``magnitude`` initial masks.
         power: ERK exponent (1 = ERK, 0 = uniform).
         overrides: per-layer sparsity by glob on target names, e.g. ``{"fc.weight": 0.5}``.
+        start: updates begin here (default 0: the first update is at ``every``).
 
     Logged at each update: ``rigl/drop_fraction`` (``f_t``) and ``rigl/regrown`` (sum of ``k``
     over layers; weights dropped and regrown in the same update count too; the callback's
@@ -83,57 +89,40 @@ class RigL(SparsityMethod):
         init: str = "random",
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
+        start: int | float = 0,
     ):
         self.sparsity = check_sparsity(sparsity)
-        self.distribution = check_distribution(distribution, ("uniform", "erk", "er"))
-        if isinstance(drop_fraction, bool) or not isinstance(drop_fraction, (int, float)) or not 0 < drop_fraction <= 1:
-            raise SparsityConfigError(f"drop_fraction={drop_fraction!r} must be a number in (0, 1]")
-        if drop_fraction_schedule not in DROP_FRACTION_SCHEDULES:
-            allowed = ", ".join(DROP_FRACTION_SCHEDULES)
-            raise SparsityConfigError(f"drop_fraction_schedule={drop_fraction_schedule!r} is unknown; allowed: {allowed}")
-        if init not in INITS:
-            raise SparsityConfigError(f"init={init!r} is unknown; allowed: {', '.join(INITS)}")
-        for key, value in (("every", every), ("end", end)):
-            resolve_step(value, 1, key)  # type and range checks that need no knowledge of the run
-        if every == 0:
-            raise SparsityConfigError("every=0 must be >= 1 (optimizer steps between updates)")
-        self.every, self.end = every, end
-        self.drop_fraction = float(drop_fraction)
-        self.drop_fraction_schedule = drop_fraction_schedule
-        self.init = init
-        self.power = float(power)
-        self.overrides = dict(overrides or {})
-        self._every: int | None = None
-        self._end: int | None = None
-
-    def setup(self, total_steps: int | None) -> None:
-        self._every = max(1, resolve_step(self.every, total_steps, "every"))
-        self._end = resolve_step(self.end, total_steps, "end")
+        self.drop_fraction = check_number(drop_fraction, "drop_fraction", 0.0, 1.0, low_open=True)
+        self.drop_fraction_schedule = check_choice(drop_fraction_schedule, "drop_fraction_schedule", DROP_FRACTION_SCHEDULES)
+        self.init = check_choice(init, "init", INITS)
+        self.updates = UpdateSchedule(start, end, every, land_on_end=False)
+        self.budget = Budget(distribution, power, overrides, allowed=LAYER_DISTRIBUTIONS)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         scores = random_scores(ctx.params, ctx.generator) if self.init == "random" else magnitude_scores(ctx.params)
-        return budget_masks(scores, self.sparsity, self.distribution, self.power, self.overrides)
-
-    def is_update_step(self, step: int) -> bool:
-        if self._every is None:
-            return False
-        return 0 < step <= self._end and step % self._every == 0
+        return self.budget.masks(scores, self.sparsity)
 
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step)
 
     def drop_fraction_at(self, step: int) -> float:
-        """``f_t``: alpha at the first update (step ``every``), 0 at ``end`` (cosine), 0 after ``end``."""
-        if step > self._end:
+        """``f_t``: alpha at the first update (step ``start + every``), 0 at ``end`` (cosine), 0 after ``end``."""
+        s = self._steps
+        if step > s.end:
             return 0.0
         if self.drop_fraction_schedule == "constant":
             return self.drop_fraction
-        return cosine_decay(step, self.drop_fraction, self._end, start=self._every)
+        first = s.start if s.start >= 1 else s.start + s.every
+        return cosine_decay(step, self.drop_fraction, s.end, start=first)
+
+    def moves(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> bool:
+        """Whether layer ``name`` drops and grows at this update: RigL needs its real gradient."""
+        if grads is None:
+            raise RuntimeError(f"{type(self).__name__} needs the dense gradients at an update; got none")
+        return name in grads
 
     def grow_scores(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> Tensor:
         """Grow scores, ranked by magnitude: RigL grows where the dense gradient is largest."""
-        if grads is None:
-            raise RuntimeError(f"{type(self).__name__} needs the dense gradients at an update; got none")
         return grads[name]
 
     @torch.no_grad()
@@ -148,6 +137,7 @@ class RigL(SparsityMethod):
         new = dict(ctx.masks)
         if fraction > 0:
             for name, mask in ctx.masks.items():
-                new[name] = drop_and_grow(mask, ctx.params[name], self.grow_scores(ctx, name, grads), k_of)
+                if self.moves(ctx, name, grads):
+                    new[name] = drop_and_grow(mask, ctx.params[name], self.grow_scores(ctx, name, grads), k_of)
         self.last_metrics = {f"{self.prefix}/drop_fraction": fraction, f"{self.prefix}/regrown": float(sum(counts))}
         return new

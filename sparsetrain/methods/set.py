@@ -27,6 +27,10 @@ class SET(RigL):
     def needs_grads(self, step: int) -> bool:
         return False
 
+    def moves(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> bool:
+        """Every layer that the update step's optimizer trains (never a frozen one)."""
+        return ctx.trains(name)
+
     def grow_scores(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> Tensor:
         p = ctx.params[name]
         return torch.rand(p.shape, generator=ctx.generator).to(p.device)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sparsetrain.core.budgets import check_distribution
-from sparsetrain.core.masks import Masks, budget_masks, random_scores
-from sparsetrain.core.schedules import check_sparsity
+from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
+from sparsetrain.core.masks import Masks, random_scores
+from sparsetrain.core.validation import check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 
@@ -30,10 +30,7 @@ class Static(SparsityMethod):
         overrides: Mapping[str, float] | None = None,
     ):
         self.sparsity = check_sparsity(sparsity)
-        self.distribution = check_distribution(distribution, ("uniform", "erk", "er"))
-        self.power = float(power)
-        self.overrides = dict(overrides or {})
+        self.budget = Budget(distribution, power, overrides, allowed=LAYER_DISTRIBUTIONS)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        scores = random_scores(ctx.params, ctx.generator)
-        return budget_masks(scores, self.sparsity, self.distribution, self.power, self.overrides)
+        return self.budget.masks(random_scores(ctx.params, ctx.generator), self.sparsity)
