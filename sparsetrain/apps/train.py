@@ -73,17 +73,17 @@ def train(cfg: DictConfig) -> dict:
     val_acc = trainer.callback_metrics.get("val/acc")  # trainer.test resets callback_metrics
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.get("test", True) else {}
 
-    summary = make_summary(cfg, trainer, module, sparsity, test, val_acc, time.perf_counter() - started)
+    report = sparsity.sparsity_report(module)  # from the model's weights: also right after ddp_spawn
+    summary = make_summary(cfg, trainer, module, sparsity, report, test, val_acc, time.perf_counter() - started)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("\n%s", format_summary(summary, sparsity.sparsity_report().table()))
+        log.info("\n%s", format_summary(summary, report.table()))
     _finish_wandb(loggers)
     return summary
 
 
-def make_summary(cfg, trainer, module, sparsity, test: dict, val_acc, wall_time: float) -> dict:
-    report = sparsity.sparsity_report()
+def make_summary(cfg, trainer, module, sparsity, report, test: dict, val_acc, wall_time: float) -> dict:
     everything = sparsity_report(dict(module.net.named_parameters()))
     method = getattr(sparsity, "method", None)
     target = method.target_sparsity(trainer.global_step) if method is not None else None

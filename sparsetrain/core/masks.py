@@ -51,10 +51,14 @@ def global_topk_masks(scores: Mapping[str, Tensor], keep: int) -> Masks:
 
 
 def magnitude_scores(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-    """``|w|`` as float32; positions outside ``masks`` get ``-inf`` so they are never chosen to keep."""
+    """``|w|`` as float32; positions outside ``masks`` get ``-inf`` so they are never chosen to keep.
+
+    A NaN or infinite weight scores ``-1``, below every finite ``|w|``: the least important
+    (pruned first), but still above the masked-out positions.
+    """
     scores = {}
     for n, p in params.items():
-        s = p.detach().abs().float()
+        s = p.detach().abs().float().nan_to_num_(nan=-1.0, posinf=-1.0)
         if masks is not None and n in masks:
             s = s.masked_fill(~masks[n], float("-inf"))
         scores[n] = s

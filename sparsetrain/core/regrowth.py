@@ -18,7 +18,9 @@ possibly fewer, positions really change; a fully dense layer never changes.
 
 Ties are broken by ``torch.topk`` on the flattened tensor: deterministic for identical inputs
 on the same device (so identical on every DDP rank), but otherwise unspecified; no noise is
-added. NaN scores rank above every number (``torch.topk``'s order).
+added. Non-finite scores (NaN, inf) are the least important: such a weight is dropped before
+every finite one, and a position whose grow score is non-finite is grown only when too few
+finite candidates are left.
 
 Example::
 
@@ -47,14 +49,15 @@ def drop_count(n_active: int, fraction: float, rounding: str = "floor") -> int:
 def _drop_(out: Tensor, active: Tensor, scores: Tensor, k: int) -> None:
     """Clear, in the flat mask ``out``, the ``k`` positions of ``active`` with the smallest ``|scores|``."""
     if k > 0:  # top-k over the active positions only: ~1/density times cheaper than over all
-        picked = torch.topk(scores.reshape(-1)[active].abs(), k, largest=False, sorted=False).indices
+        drop = scores.reshape(-1)[active].abs().float().nan_to_num_(nan=-1.0, posinf=-1.0)  # non-finite: dropped first
+        picked = torch.topk(drop, k, largest=False, sorted=False).indices
         out.scatter_(0, active[picked], False)
 
 
 def _grow_(out: Tensor, scores: Tensor, k: int) -> None:
     """Set, in the flat mask ``out``, the ``k`` inactive positions with the largest ``|scores|``."""
     if k > 0:
-        candidates = scores.reshape(-1).abs().float().masked_fill_(out, float("-inf"))
+        candidates = scores.reshape(-1).abs().float().nan_to_num_(nan=-1.0, posinf=-1.0).masked_fill_(out, float("-inf"))
         out.scatter_(0, torch.topk(candidates, k, sorted=False).indices, True)
 
 

@@ -68,7 +68,8 @@ class GMP(SparsityMethod):
         self.budget = Budget(distribution, power, overrides)
 
     def check(self, shapes) -> None:
-        self.budget.check(shapes, self.initial_sparsity, self.sparsity)  # overrides scale linearly in between
+        for step in (0, self._steps.end):  # the budget moves linearly in between: the two ends decide
+            self._budget_at(step).check(shapes, self.target_sparsity(step))
 
     def target_sparsity(self, step: int) -> float:
         if self._steps is None:
