@@ -38,9 +38,10 @@ class SparsityCallback(Callback):
     1. ``on_before_optimizer_step`` (after AMP unscaling, before gradient clipping): copy the
        dense gradients if the method's next update needs them, then zero the gradients of
        masked weights;
-    2. after the step (``on_train_batch_end``): multiply the weights by their masks in one
-       fused pass; on an update step ask the method for new masks, zero newly pruned weights
-       and the optimizer state (momentum, Adam moments) of every position whose mask changed.
+    2. at the end of the batch (``on_train_batch_end``): multiply the weights by their masks in
+       one fused pass; for every update step the batch crossed ask the method for new masks,
+       zero newly pruned weights and the optimizer state (momentum, Adam moments) of every
+       position whose mask changed.
 
     With ``reapply="auto"`` the per-step multiply of the weights is skipped when every
     optimizer is a plain ``SGD``, ``Adam``, ``AdamW``, ``NAdam``, ``RAdam``, ``Adamax``,
@@ -52,12 +53,15 @@ class SparsityCallback(Callback):
 
     Stochastic masks (:class:`~sparsetrain.methods.StochasticAnnealing`): while
     ``method.stochastic(step)`` is true the weights and gradients are *not* multiplied by the
-    masks. Instead, at ``on_train_batch_start`` the callback samples ``w * (mask | (u < p))``
+    masks. Instead, for every training forward the callback samples ``w * (mask | (u < p))``
     for every target (see :mod:`sparsetrain.core.stochastic`; ``u`` from a generator seeded with
-    ``(seed, step, batch_idx, target)``, identical on every rank, global RNG untouched) and puts
-    these tensors in place of the parameters inside their modules (``module._parameters``,
-    no hooks, no renaming); ``on_after_backward`` puts the parameters back, so autograd has given
-    each parameter ``grad * sampled_mask``. Evaluation batches (validation, test, predict) get
+    ``(seed, step, batch_idx, forward, target)``, identical on every rank, global RNG untouched)
+    and puts these tensors in place of the parameters inside their modules
+    (``module._parameters``, no renaming): the first sample at ``on_train_batch_start``, a new
+    one whenever a module that owns a target runs a second time in the batch (forward pre-hooks
+    that exist only during such batches; a ``training_step`` that calls the model twice gets two
+    masks). ``on_after_backward`` puts the parameters back, so autograd has given each parameter
+    the sum of ``grad * sampled_mask`` over its forwards. Evaluation batches (validation, test, predict) get
     ``w * mask`` the same way. Optimizer state is reset only when masks become hard: at the
     method's last update the excluded weights and their state are zeroed, and from then on the
     masks are hard as for every other method. Outside a batch the model holds its parameters:
@@ -289,7 +293,12 @@ class SparsityCallback(Callback):
         self._swap_in(pl_module, self.sampler.sample(self.targets.values(), self.masks.values(), bases, scale, seed))
 
     def _on_target_forward(self, module: nn.Module, args) -> None:
-        """A module that owns a target runs: a second run in the same batch is a new forward, with a new sample."""
+        """A module that owns a target runs: a second run in the same batch is a new forward, with a new sample.
+
+        Not during backward: activation checkpointing re-runs modules there, and must see the sample it recomputes.
+        """
+        if torch._C._current_graph_task_id() != -1:
+            return
         if id(module) in self._seen or not self._swap.active:
             self._forward += 1
             self._seen = set()

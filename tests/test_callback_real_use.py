@@ -389,3 +389,30 @@ def test_non_finite_grow_scores_are_never_preferred():
     new = drop_and_grow(mask, w, g, 1)  # the NaN weight is dropped; growth goes to |g| = 0.2, not NaN/inf
     assert new.tolist() == [True, False, False, False, False, True]
     assert int(drop_and_grow(mask, w, torch.full((6,), float("nan")), 2).sum()) == 2  # counts stay exact
+
+
+# ------------------------------------------- 12. annealing with activation checkpointing
+class Checkpointed(TinyNet):
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        h = torch.utils.checkpoint.checkpoint(self.fc1, x.flatten(1), use_reentrant=False)  # re-run in backward
+        return self.fc2(torch.relu(h))
+
+
+def test_activation_checkpointing_recomputes_with_the_sample_of_its_forward():
+    L.seed_everything(0)
+    model = Checkpointed()
+    cb = SparsityCallback(StochasticAnnealing(0.8, initial_probability=0.5, end=100))
+    used = []
+
+    class Grads(Callback):  # the gradient of fc1 is zero exactly where the sample excluded a weight
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            used.append(pl_module.fc1.weight.detach().ne(0) | cb.masks["fc1.weight"])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grad = pl_module.fc1.weight.grad
+            assert (grad[~used[-1]] == 0).all() and (grad[used[-1]] != 0).any()
+
+    with pytest.warns(UserWarning, match="beyond"):
+        trainer(max_steps=3, max_epochs=1, callbacks=[cb, Grads()]).fit(model, random_loader())
+    assert cb._forward == 0 and len(used) == 3  # one sample per batch: backward did not resample
