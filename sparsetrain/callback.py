@@ -326,7 +326,11 @@ class SparsityCallback(Callback):
             self._grads[upcoming] = {
                 n: p.grad.detach().clone() for n, p in self.targets.items() if n in names and p.grad is not None
             }
-        if not self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
+        if self.method.skips_optimizer_step(upcoming):  # torch optimizers leave a parameter without grad alone
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+        elif not self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
             pairs = [(p.grad, self.masks[n]) for n, p in self.targets.items() if n in names]
             self.kernel([g for g, _ in pairs], [m for _, m in pairs])
 

@@ -27,6 +27,7 @@ from sparsetrain.core.validation import check_choice, check_globs, check_number,
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
 LAYER_DISTRIBUTIONS = ("uniform", "erk", "er")  # a fixed count per layer (what RigL, SET and Static need)
+OVERRIDES_MODES = ("exact", "outside")  # the rest share what is left (global sparsity exact) | overrides leave the budget
 
 
 def check_distribution(distribution: str, allowed: tuple[str, ...] = DISTRIBUTIONS) -> str:
@@ -66,13 +67,23 @@ def layer_densities(
     distribution: str = "erk",
     power: float = 1.0,
     overrides: Mapping[str, float] | None = None,
+    overrides_mode: str = "exact",
 ) -> dict[str, float]:
-    """Real-valued density per layer such that ``sum density_l * N_l == (1 - sparsity) * sum N_l``."""
+    """Real-valued density per layer such that ``sum density_l * N_l == (1 - sparsity) * sum N_l``.
+
+    ``overrides_mode="outside"`` (rigl's ``custom_sparsity_map``, and its ``first_layer_sparsity``)
+    takes the overridden layers out of the budget instead: the others are solved at ``sparsity``
+    over their own weights, so the global sparsity is no longer exactly ``sparsity``.
+    """
     check_sparsity(sparsity)
     check_distribution(distribution, ("uniform", "erk", "er"))
+    check_choice(overrides_mode, "overrides_mode", OVERRIDES_MODES)
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     fixed = {n: 1.0 - s for n, s in resolve_overrides(list(shapes), overrides).items()}
-    budget = (1.0 - sparsity) * sum(sizes.values()) - sum(fixed[n] * sizes[n] for n in fixed)
+    if overrides_mode == "outside":
+        budget = (1.0 - sparsity) * sum(sizes[n] for n in shapes if n not in fixed)
+    else:
+        budget = (1.0 - sparsity) * sum(sizes.values()) - sum(fixed[n] * sizes[n] for n in fixed)
     free = [n for n in shapes if n not in fixed]
     if budget < -1e-9 or (not free and abs(budget) > 0.5):
         raise SparsityConfigError(
@@ -121,13 +132,18 @@ def layer_counts(
     distribution: str = "erk",
     power: float = 1.0,
     overrides: Mapping[str, float] | None = None,
+    overrides_mode: str = "exact",
 ) -> dict[str, int]:
     """Number of weights each layer keeps (``uniform``, ``erk`` or ``er``)."""
-    return counts_from_densities(shapes, layer_densities(shapes, sparsity, distribution, power, overrides))
+    densities = layer_densities(shapes, sparsity, distribution, power, overrides, overrides_mode)
+    return counts_from_densities(shapes, densities)
 
 
 def global_counts(
-    shapes: Mapping[str, tuple[int, ...]], sparsity: float, overrides: Mapping[str, float] | None = None
+    shapes: Mapping[str, tuple[int, ...]],
+    sparsity: float,
+    overrides: Mapping[str, float] | None = None,
+    overrides_mode: str = "exact",
 ) -> tuple[dict[str, int], int]:
     """``distribution="global"``: the kept count of every overridden layer, and the count the others share."""
     check_sparsity(sparsity)
@@ -135,7 +151,10 @@ def global_counts(
     sizes = {n: math.prod(s) for n, s in shapes.items()}
     fixed_counts = {n: round((1.0 - fixed[n]) * sizes[n]) for n in fixed}
     rest = sum(sizes[n] for n in shapes if n not in fixed)
-    keep = round((1.0 - sparsity) * sum(sizes.values())) - sum(fixed_counts.values())
+    if overrides_mode == "outside":
+        keep = round((1.0 - sparsity) * rest)
+    else:
+        keep = round((1.0 - sparsity) * sum(sizes.values())) - sum(fixed_counts.values())
     if keep < 0 or keep > rest:
         raise SparsityConfigError(
             f"overrides={dict(overrides or {})} do not fit a global sparsity={sparsity}: "
@@ -151,7 +170,9 @@ class Budget:
     ``distribution``: ``uniform``, ``erk``, ``er`` (a count per layer, see :func:`layer_counts`) or
     ``global`` (one magnitude threshold over all targets, where the method allows it); ``power``:
     the ERK exponent (1 = ERK, 0 = uniform); ``overrides``: globs on target names mapped to a fixed
-    per-layer sparsity. Values are checked at construction; :meth:`check` runs the arithmetic on
+    per-layer sparsity; ``overrides_mode``: ``exact`` (the other layers share what is left, so the
+    global sparsity is exact) or ``outside`` (rigl's convention: overridden layers leave the
+    budget, the others are solved at ``sparsity`` among themselves). Values are checked at construction; :meth:`check` runs the arithmetic on
     the real target shapes at fit start, so a budget that cannot be met fails before training.
 
     Example::
@@ -163,10 +184,12 @@ class Budget:
     distribution: str = "erk"
     power: float = 1.0
     overrides: dict[str, float] = field(default_factory=dict)
+    overrides_mode: str = "exact"
     allowed: tuple[str, ...] = field(default=DISTRIBUTIONS, compare=False, repr=False)
 
     def __post_init__(self):
         check_distribution(self.distribution, self.allowed)
+        check_choice(self.overrides_mode, "overrides_mode", OVERRIDES_MODES)
         object.__setattr__(self, "power", check_number(self.power, "power", meaning="ERK exponent: 1 = ERK, 0 = uniform"))
         object.__setattr__(self, "overrides", check_globs(self.overrides, "overrides"))
 
@@ -175,13 +198,13 @@ class Budget:
 
     def counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, int]:
         """Kept weights per layer (``uniform``, ``erk``, ``er``)."""
-        return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides)
+        return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
 
     def check(self, shapes: Mapping[str, tuple[int, ...]], *sparsities: float) -> None:
         """Raise now if any of ``sparsities`` cannot be met on targets of these shapes."""
         for sparsity in sparsities:
             if self.distribution == "global":
-                global_counts(shapes, sparsity, self.overrides)
+                global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
             else:
                 self.counts(shapes, sparsity)
 
@@ -189,4 +212,4 @@ class Budget:
         """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`)."""
         from sparsetrain.core.masks import budget_masks  # masks.py builds on this module
 
-        return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides)
+        return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)

@@ -71,6 +71,7 @@ def budget_masks(
     distribution: str = "uniform",
     power: float = 1.0,
     overrides: Mapping[str, float] | None = None,
+    overrides_mode: str = "exact",
 ) -> Masks:
     """Keep the highest scores under a layer-wise budget (see :mod:`sparsetrain.core.budgets`).
 
@@ -79,8 +80,8 @@ def budget_masks(
     """
     shapes = {n: tuple(s.shape) for n, s in scores.items()}
     if distribution != "global":
-        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides))
-    fixed_counts, keep = global_counts(shapes, sparsity, overrides)
+        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides, overrides_mode))
+    fixed_counts, keep = global_counts(shapes, sparsity, overrides, overrides_mode)
     rest = [n for n in scores if n not in fixed_counts]
     masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts)
     if rest:

@@ -60,6 +60,13 @@ def check_sparsity(value, key: str = "sparsity") -> float:
     return check_number(value, key, 0.0, 1.0, high_open=True, meaning="fraction of weights set to zero")
 
 
+def check_bool(value, key: str) -> bool:
+    """``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise SparsityConfigError(f"{key}={value!r} must be true or false")
+    return value
+
+
 def check_int(value, key: str, low: int = 0, meaning: str = "") -> int:
     """An ``int`` (not a ``bool``) ``>= low``."""
     what = f" ({meaning})" if meaning else ""

@@ -118,6 +118,7 @@ class StochasticAnnealing(SparsityMethod):
         masks: Mapping[str, Tensor] | str | Path | None = None,
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
+        overrides_mode: str = "exact",
     ):
         self.target = check_choice(target, "target", TARGETS)
         self.probabilities = check_choice(probabilities, "probabilities", PROBABILITIES)
@@ -149,7 +150,7 @@ class StochasticAnnealing(SparsityMethod):
                 raise SparsityConfigError(f"sparsity is required with target={target!r} (a number in [0, 1))")
         self.sparsity = check_sparsity(sparsity)
         self.masks = str(masks) if isinstance(masks, (str, Path)) else (None if masks is None else "<dict>")
-        self.budget = Budget(distribution, power, overrides)
+        self.budget = Budget(distribution, power, overrides, overrides_mode)
         self._base: dict[str, Tensor] | None = None  # b_i per target, set at `start`
 
     # ------------------------------------------------------------ schedule

@@ -80,6 +80,10 @@ class SparsityMethod:
         """Whether the update after step ``step`` needs the dense gradients of that step."""
         return False
 
+    def skips_optimizer_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is skipped (its gradient only feeds the update; RigL's TF reference)."""
+        return False
+
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks | None:
         """New masks after step ``step``, or ``None`` for no change.
 
@@ -132,7 +136,10 @@ class SparsityMethod:
             if isinstance(value, UpdateSchedule):
                 found.update(zip(value.names, (value.start, value.end, value.every)))
             elif isinstance(value, Budget):
-                found.update(distribution=value.distribution, power=value.power, overrides=dict(value.overrides))
+                found.update(
+                    distribution=value.distribution, power=value.power, overrides=dict(value.overrides),
+                    overrides_mode=value.overrides_mode,
+                )
             elif key != "last_metrics":
                 found[key] = value
         names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]

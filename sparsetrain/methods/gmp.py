@@ -38,6 +38,9 @@ class GMP(SparsityMethod):
         overrides: per-layer sparsity by glob on target names, e.g. ``{"fc.weight": 0.5}``;
             overridden layers follow their own value at the end of the schedule, scaled by
             the schedule's progress on the way.
+        overrides_mode: ``exact`` (the other layers share what is left: the global sparsity is
+            exact) or ``outside`` (overridden layers leave the budget, as rigl's
+            ``custom_sparsity_map``; see :class:`~sparsetrain.core.budgets.Budget`).
 
     Example::
 
@@ -55,6 +58,7 @@ class GMP(SparsityMethod):
         schedule: str = "cubic",
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
+        overrides_mode: str = "exact",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -65,7 +69,7 @@ class GMP(SparsityMethod):
             )
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
         self.updates = UpdateSchedule(start, end, every)
-        self.budget = Budget(distribution, power, overrides)
+        self.budget = Budget(distribution, power, overrides, overrides_mode)
 
     def check(self, shapes) -> None:
         for step in (0, self._steps.end):  # the budget moves linearly in between: the two ends decide

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
+from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget, counts_from_densities
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores
+from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores, topk_masks
 from sparsetrain.core.regrowth import drop_and_grow, drop_count
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, cosine_decay, scheduled_sparsity
 from sparsetrain.core.validation import check_choice, check_number, check_sparsity
@@ -30,12 +30,16 @@ class GraNet(SparsityMethod):
        weights of all ``N`` target weights, with the cubic schedule
        :math:`s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_{end} - t_0))^3`, ``s_i = 1 - d_i``.
        At ``end`` the count is exactly ``round((1 - sparsity) * N)`` (the reference stops one
-       interval short; we do not); after ``end`` nothing is pruned.
+       interval short; we do not); after ``end`` nothing is pruned. ``pruning="layerwise"``
+       (the reference's ``GraNet_uniform``) instead removes the same fraction of every layer's
+       active weights, by magnitude within the layer (counts shared by largest remainder, so
+       the total is still exactly ``K_t``; the reference rounds each layer up).
     2. **neuroregeneration** (while ``t < regrowth_end``): per layer drop
        ``ceil(r_t * nnz)`` active weights of smallest ``|w|`` and grow as many positions with
        the largest ``|dL/dw|`` (dense gradient of the step's batch) among those not kept (only
        in layers that the step's optimizer trains and that got a gradient), with
-       :math:`r_t = \frac{r_0}{2}(1 + \cos(\pi (t - t_0)/(T_{regrow} - t_0)))`.
+       :math:`r_t = r_{min} + \frac{r_0 - r_{min}}{2}(1 + \cos(\pi (t - t_0)/(T_{regrow} - t_0)))`,
+       ``r_min = regrowth_floor`` (default 0; the reference's ``CosineDecay`` has ``eta_min=0.005``).
 
     Regrowth moves weights within a layer, so the total count after every update is exactly
     ``K_t`` (and while a layer is fully dense, regrowth cannot change it). Ties in ``|w|`` are
@@ -52,6 +56,8 @@ class GraNet(SparsityMethod):
         regrowth_fraction: ``r_0`` in [0, 1] (0 disables regrowth).
         regrowth_end: regrowth stops here (default 1.0: the end of training).
         schedule: ``cubic`` (default), ``linear`` or ``constant``.
+        pruning: ``global`` (one magnitude threshold, default) or ``layerwise`` (GraNet_uniform).
+        regrowth_floor: ``r_min`` in [0, regrowth_fraction]: the regrowth fraction never decays below it.
 
     The reference code zeroes globally pruned weights before regrowth, so one pruned and
     regrown in the same update restarts at 0; here it keeps its value like a dropped one (the
@@ -78,6 +84,8 @@ class GraNet(SparsityMethod):
         regrowth_fraction: float = 0.5,
         regrowth_end: int | float = 1.0,
         schedule: str = "cubic",
+        pruning: str = "global",
+        regrowth_floor: float = 0.0,
     ):
         self.sparsity = check_sparsity(sparsity)
         self.initial_density = check_number(initial_density, "initial_density", 0.0, 1.0, low_open=True)
@@ -89,6 +97,8 @@ class GraNet(SparsityMethod):
         self.budget = Budget(distribution, allowed=LAYER_DISTRIBUTIONS)  # of the initial random mask
         self.regrowth_fraction = check_number(regrowth_fraction, "regrowth_fraction", 0.0, 1.0)
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+        self.pruning = check_choice(pruning, "pruning", ("global", "layerwise"))
+        self.regrowth_floor = check_number(regrowth_floor, "regrowth_floor", 0.0, self.regrowth_fraction)
         self.updates = UpdateSchedule(start, end, every)  # pruning, landing on end
         self.regrowth = UpdateSchedule(start, regrowth_end, every, land_on_end=False, names=("start", "regrowth_end", "every"))
         self._regrowth_steps: UpdateSchedule | None = None
@@ -115,7 +125,8 @@ class GraNet(SparsityMethod):
         s = self._regrowth_steps
         if step < s.start or step >= s.end:
             return 0.0
-        return cosine_decay(step, self.regrowth_fraction, s.end, start=s.start)
+        floor = self.regrowth_floor
+        return floor + cosine_decay(step, self.regrowth_fraction - floor, s.end, start=s.start)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         if self.initial_density == 1.0:
@@ -128,10 +139,19 @@ class GraNet(SparsityMethod):
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step) and self.regrowth_fraction_at(step) > 0
 
+    def _prune(self, ctx: SparsityContext, keep: int) -> Masks:
+        """Keep ``keep`` active weights by magnitude: one threshold, or the same fraction in every layer."""
+        scores = magnitude_scores(ctx.params, ctx.masks)
+        if self.pruning == "global":
+            return global_topk_masks(scores, keep)
+        active = {n: int(m.sum()) for n, m in ctx.masks.items()}
+        share = keep / max(sum(active.values()), 1)
+        shapes = {n: tuple(p.shape) for n, p in ctx.params.items()}
+        return topk_masks(scores, counts_from_densities(shapes, {n: active[n] * share / p.numel() for n, p in ctx.params.items()}))
+
     @torch.no_grad()
     def final_masks(self, ctx: SparsityContext) -> Masks:
-        keep = round((1.0 - self.sparsity) * sum(p.numel() for p in ctx.params.values()))
-        return global_topk_masks(magnitude_scores(ctx.params, ctx.masks), keep)
+        return self._prune(ctx, round((1.0 - self.sparsity) * sum(p.numel() for p in ctx.params.values())))
 
     @torch.no_grad()
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks:
@@ -140,7 +160,7 @@ class GraNet(SparsityMethod):
         active = sum(int(m.sum()) for m in masks.values())
         keep = round((1.0 - self.target_sparsity(step)) * total)
         if keep < active:
-            masks = global_topk_masks(magnitude_scores(ctx.params, masks), keep)
+            masks = self._prune(ctx, keep)
         fraction, counts = self.regrowth_fraction_at(step), []  # counts: per-layer drop-and-grow k
         if fraction > 0:
             if grads is None:

@@ -11,10 +11,10 @@ from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
 from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
 from sparsetrain.core.regrowth import drop_and_grow, drop_count
 from sparsetrain.core.schedules import UpdateSchedule, cosine_decay
-from sparsetrain.core.validation import check_choice, check_number, check_sparsity
+from sparsetrain.core.validation import check_bool, check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
-DROP_FRACTION_SCHEDULES = ("cosine", "constant")
+DROP_FRACTION_SCHEDULES = ("cosine", "cosine_paper", "constant")
 INITS = ("random", "magnitude")
 
 
@@ -48,8 +48,15 @@ class RigL(SparsityMethod):
     .. math:: f_t = \frac{\alpha}{2}\left(1 + \cos\frac{\pi (t - \Delta T)}{T_{end} - \Delta T}\right),
 
     the paper's :math:`\frac{\alpha}{2}(1 + \cos(\pi t / T_{end}))` shifted by one interval so
-    that the first update (step ``ΔT`` after ``start``, not 0 here) drops exactly alpha. ``constant`` uses
-    alpha at every update. An update whose ``k`` is 0 everywhere changes nothing (e.g. at
+    that the first update (step ``ΔT`` after ``start``, not 0 here) drops exactly alpha (the
+    default, because our first update is at ``ΔT``, where the unshifted curve has already
+    decayed). ``cosine_paper`` is the unshifted curve of the paper and of the reference code
+    (google-research/rigl, jaxpruner, rigl-torch): at alpha = 0.3, ``ΔT = 100``,
+    ``T_end = 1000`` it gives 0.2927, 0.2382 and 0.00734 at t = 100, 300, 900 where the default
+    gives 0.3000, 0.2649 and 0.00905 (see ``docs/fidelity.md``). ``constant`` uses alpha at
+    every update. ``skip_optimizer_step=True`` skips the optimizer step of every update step (all
+    parameters of that optimizer keep their values and state; its gradient only decides the
+    growth), as the TF reference does. An update whose ``k`` is 0 everywhere changes nothing (e.g. at
     ``end`` with ``cosine``, or every update if ``end <= every``). After ``end`` the topology is
     frozen.
 
@@ -60,11 +67,15 @@ class RigL(SparsityMethod):
         drop_fraction: alpha in (0, 1].
         end: last step with a topology update (int steps, or a fraction of training; default 0.75).
             An ``end`` beyond the run is allowed: updates then go on to the last step.
-        drop_fraction_schedule: ``cosine`` or ``constant``.
+        drop_fraction_schedule: ``cosine`` (first update drops alpha), ``cosine_paper`` (the
+            references' unshifted curve) or ``constant``.
         init: ``random`` or ``magnitude`` initial masks.
         power: ERK exponent (1 = ERK, 0 = uniform).
         overrides: per-layer sparsity by glob on target names, e.g. ``{"fc.weight": 0.5}``.
+        overrides_mode: ``exact`` or ``outside`` (the RigL paper's first dense layer: ``overrides=
+            {"conv1.weight": 0.0}, overrides_mode="outside"``), see :class:`~sparsetrain.core.budgets.Budget`.
         start: updates begin here (default 0: the first update is at ``every``).
+        skip_optimizer_step: skip the optimizer step on update steps (TF reference); default False.
 
     Logged at each update: ``rigl/drop_fraction`` (``f_t``) and ``rigl/regrown`` (sum of ``k``
     over layers; weights dropped and regrown in the same update count too; the callback's
@@ -90,13 +101,16 @@ class RigL(SparsityMethod):
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
         start: int | float = 0,
+        skip_optimizer_step: bool = False,
+        overrides_mode: str = "exact",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.drop_fraction = check_number(drop_fraction, "drop_fraction", 0.0, 1.0, low_open=True)
         self.drop_fraction_schedule = check_choice(drop_fraction_schedule, "drop_fraction_schedule", DROP_FRACTION_SCHEDULES)
         self.init = check_choice(init, "init", INITS)
         self.updates = UpdateSchedule(start, end, every, land_on_end=False)
-        self.budget = Budget(distribution, power, overrides, allowed=LAYER_DISTRIBUTIONS)
+        self.skip_optimizer_step = check_bool(skip_optimizer_step, "skip_optimizer_step")
+        self.budget = Budget(distribution, power, overrides, overrides_mode, allowed=LAYER_DISTRIBUTIONS)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         scores = random_scores(ctx.params, ctx.generator) if self.init == "random" else magnitude_scores(ctx.params)
@@ -112,8 +126,13 @@ class RigL(SparsityMethod):
             return 0.0
         if self.drop_fraction_schedule == "constant":
             return self.drop_fraction
+        if self.drop_fraction_schedule == "cosine_paper":
+            return cosine_decay(step, self.drop_fraction, s.end)
         first = s.start if s.start >= 1 else s.start + s.every
         return cosine_decay(step, self.drop_fraction, s.end, start=first)
+
+    def skips_optimizer_step(self, step: int) -> bool:
+        return self.skip_optimizer_step and self.is_update_step(step)
 
     def moves(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> bool:
         """Whether layer ``name`` drops and grows at this update: RigL needs its real gradient."""

@@ -15,7 +15,8 @@ class Static(SparsityMethod):
 
     Each layer keeps exactly the number of weights its budget gives (``erk``, ``er`` or
     ``uniform``, with per-layer ``overrides`` of the sparsity by glob), at positions drawn
-    with the callback's seeded generator. The masks never change.
+    with the callback's seeded generator. The masks never change. ``overrides_mode`` as in
+    :class:`~sparsetrain.core.budgets.Budget`.
 
     Example::
 
@@ -28,9 +29,10 @@ class Static(SparsityMethod):
         distribution: str = "erk",
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
+        overrides_mode: str = "exact",
     ):
         self.sparsity = check_sparsity(sparsity)
-        self.budget = Budget(distribution, power, overrides, allowed=LAYER_DISTRIBUTIONS)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, allowed=LAYER_DISTRIBUTIONS)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         return self.budget.masks(random_scores(ctx.params, ctx.generator), self.sparsity)
