@@ -57,7 +57,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparsetrain.apps.train import config_dir
 from sparsetrain.callback import SparsityCallback
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.imp import PRUNING, check_fraction, imp_masks, layer_fraction_map, random_masks_like
+from sparsetrain.core.imp import COUNTING, PRUNING, check_fraction, imp_masks, layer_fraction_map, random_masks_like
 from sparsetrain.core.masks import reset_optimizer_state_
 from sparsetrain.core.schedules import resolve_step
 from sparsetrain.core.targets import select_targets
@@ -88,6 +88,12 @@ class Lottery:
         building each level's module and data. monitor: the metric (max) that picks a level's best
         checkpoint, ``None`` for none. test_metric: the key of ``trainer.test`` reported as accuracy.
         include, exclude, dense_first, dense_last: the targets, as in :class:`~sparsetrain.SparsityCallback`.
+        ignore: globs on targets kept dense but counted in the remaining weights (OpenLTH's
+        ``pruning_layers_to_ignore``; ``exclude``/``dense_last`` instead leave a layer out of the count).
+        counting: ``closed_form`` (``round(N (1 - p)^L)``) or ``openlth`` (``ceil(p remaining) + 1`` per
+        level), see :mod:`sparsetrain.core.imp`. rewind_optimizer: ``True`` restores the optimizer state of
+        the rewind point; ``False`` starts every level with a fresh optimizer (OpenLTH), the LR schedule and
+        step still at ``k``.
         fingerprint: anything else that must match when a run folder is reused.
 
     Example (a minute on a CPU)::
@@ -126,6 +132,9 @@ class Lottery:
         dense_first: bool = False,
         dense_last: bool = False,
         fingerprint: dict | None = None,
+        ignore: list[str] | None = None,
+        counting: str = "closed_form",
+        rewind_optimizer: bool = True,
     ):
         check_fraction(prune_fraction, "lottery.prune_fraction")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
@@ -142,6 +151,12 @@ class Lottery:
                 f"lottery.rewind={rewind!r} must be an int >= 0 (optimizer steps) or a float in [0, 1) (fraction of training)"
             )
         _choice("pruning", pruning, PRUNING), _choice("mode", mode, MODES), _choice("control", control, CONTROLS)
+        _choice("counting", counting, COUNTING), _choice("rewind_optimizer", rewind_optimizer, (True, False))
+        if counting == "openlth" and (pruning != "global" or layer_fractions):
+            raise SparsityConfigError("lottery.counting=openlth is OpenLTH's sparse_global: use lottery.pruning=global without layer_fractions")
+        # reference conventions enter the folder's fingerprint only when used (older folders stay valid)
+        reference = dict(ignore=list(ignore or []), counting=counting, rewind_optimizer=rewind_optimizer)
+        reference = {k: v for k, v in reference.items() if v != dict(ignore=[], counting="closed_form", rewind_optimizer=True)[k]}
         self.make_module, self.make_datamodule, self.make_trainer = make_module, make_datamodule, make_trainer
         self.root = Path(dir)
         self.out = self.root if control == "none" else self.root / f"control_{control}"
@@ -160,6 +175,7 @@ class Lottery:
                     control_seed=self.control_seed if control != "none" else None,
                     monitor=monitor,
                     **self.targets_args,
+                    **reference,
                     **_flat(fingerprint or {}),
                 )
             )
@@ -200,6 +216,7 @@ class Lottery:
             if p["mode"] == "lr" and level > 0 and self.control == "none":
                 weights = _state(self.out / f"level_{level - 1:02d}")
         sparsity = SparsityCallback(FixedMasks(masks), seed=p["seed"], **self.targets_args)
+        fresh_optimizer = masks is not None and level > 0 and not p.get("rewind_optimizer", True)
         best = ModelCheckpoint(
             folder / "checkpoints",
             filename="best",
@@ -208,7 +225,7 @@ class Lottery:
             save_last=True,
             save_top_k=1 if self.monitor else 0,
         )
-        callbacks = [_LevelStart(sparsity, weights, fresh=masks is not None), sparsity, best]
+        callbacks = [_LevelStart(sparsity, weights, fresh=masks is not None, fresh_optimizer=fresh_optimizer), sparsity, best]
         if level == 0:
             callbacks.append(_SaveRewindPoint(p["rewind"], rewind))
         trainer = self.make_trainer(folder, callbacks)
@@ -272,6 +289,8 @@ class Lottery:
             self.params["prune_fraction"],
             self.params["pruning"],
             self.params["layer_fractions"],
+            self.params.get("ignore"),
+            self.params.get("counting", "closed_form"),
         )
 
     def _check_folder(self) -> None:
@@ -345,14 +364,17 @@ class _LevelStart(Callback):
     """Before a level trains: load LR-rewinding weights, zero the optimizer state of pruned weights,
     and skip the batches of the current epoch that the restored checkpoint had already trained on."""
 
-    def __init__(self, sparsity: SparsityCallback, weights: dict | None, fresh: bool):
-        self.sparsity, self.weights, self.fresh = sparsity, weights, fresh
+    def __init__(self, sparsity: SparsityCallback, weights: dict | None, fresh: bool, fresh_optimizer: bool = False):
+        self.sparsity, self.weights, self.fresh, self.fresh_optimizer = sparsity, weights, fresh, fresh_optimizer
 
     def on_fit_start(self, trainer, pl_module):  # after the checkpoint's weights, before the masks are applied
         if self.weights is not None:
             pl_module.load_state_dict(self.weights)
 
     def on_train_start(self, trainer, pl_module):  # after the optimizer and loop state are restored
+        if self.fresh_optimizer:  # OpenLTH: a new optimizer per level (LR schedule and step stay at k)
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
         if self.fresh and self.sparsity.masks is not None:
             for optimizer in trainer.optimizers:
                 reset_optimizer_state_(optimizer, self.sparsity.targets.values(), self.sparsity.masks.values())

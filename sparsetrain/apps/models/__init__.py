@@ -2,7 +2,7 @@
 
 Families:
 
-* ``sparsetrain``: the in-repo nets in :data:`LOCAL_MODELS` (CIFAR ResNets and VGGs, LeNets,
+* ``sparsetrain``: the in-repo nets in :data:`LOCAL_MODELS` (CIFAR ResNets, Wide ResNets and VGGs, LeNets,
   ``digits_cnn``).
 * ``timm``: any ``timm.create_model`` name, ``pretrained=False`` by default. ``img_size``
   is passed to models that accept it (ViTs and other fixed-size models) and dropped for
@@ -22,7 +22,7 @@ from functools import partial
 
 from torch import nn
 
-from sparsetrain.apps.models.small import CifarResNet, CifarVGG, DigitsCNN, LeNet5, LeNet300100
+from sparsetrain.apps.models.small import CifarResNet, CifarVGG, CifarWideResNet, DigitsCNN, LeNet5, LeNet300100
 
 LOCAL_MODELS = {
     "digits_cnn": DigitsCNN,
@@ -37,6 +37,8 @@ LOCAL_MODELS = {
     "vgg13": partial(CifarVGG, depth=13),
     "vgg16": partial(CifarVGG, depth=16),
     "vgg19": partial(CifarVGG, depth=19),
+    "wrn22_2": partial(CifarWideResNet, depth=22, width=2),
+    "wrn28_10": partial(CifarWideResNet, depth=28, width=10),
 }
 FAMILIES = ("sparsetrain", "timm", "torchvision")
 
@@ -137,4 +139,4 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
     raise ValueError(f"{type(model).__name__} has no Conv2d to adapt to in_chans={in_chans}")
 
 
-__all__ = ["FAMILIES", "LOCAL_MODELS", "build_model", "CifarResNet", "CifarVGG", "DigitsCNN", "LeNet5", "LeNet300100"]
+__all__ = ["FAMILIES", "LOCAL_MODELS", "build_model", "CifarResNet", "CifarVGG", "CifarWideResNet", "DigitsCNN", "LeNet5", "LeNet300100"]

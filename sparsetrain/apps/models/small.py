@@ -199,3 +199,45 @@ class CifarVGG(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation basic block (BN-ReLU-conv twice), 1x1 conv shortcut where the shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(c_in), nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(c_out), nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        pre = torch.relu(self.bn1(x))
+        out = self.conv2(torch.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.shortcut is None else self.shortcut(pre))
+
+
+class CifarWideResNet(nn.Module):
+    """Wide ResNet WRN-``depth``-``width`` for CIFAR (Zagoruyko & Komodakis 2016), e.g. WRN-22-2 of the
+    RigL CIFAR-10 experiments: 3x3 stem with 16 channels, three stages of ``(depth - 4) / 6``
+    pre-activation blocks with 16/32/64 times ``width`` channels, BN-ReLU, global average pool, linear."""
+
+    def __init__(self, depth: int = 22, width: int = 2, num_classes: int = 10, in_chans: int = 3, img_size: int = 32):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"Wide ResNet depth must be 6n+4 (16, 22, 28, 40), got depth={depth}")
+        n, channels = (depth - 4) // 6, [16 * width, 32 * width, 64 * width]
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
+        blocks, c_in = [], 16
+        for stage, c_out in enumerate(channels):
+            for i in range(n):
+                blocks.append(_WideBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.blocks, self.bn = nn.Sequential(*blocks), nn.BatchNorm2d(c_in)
+        self.fc = nn.Linear(c_in, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
