@@ -2,9 +2,16 @@
 
 Default targets: the ``weight`` of every convolution (``Conv1d/2d/3d``), transposed
 convolution (``ConvTranspose1d/2d/3d``) and linear layer (``nn.Linear`` and its subclasses,
-which covers timm's and torchvision's layers and ``MultiheadAttention.out_proj``). Biases,
-norms and embeddings stay dense unless a glob in ``include`` names them. Parameters shared by
-several modules appear once, under the first name ``named_parameters`` gives them.
+which covers timm's and torchvision's layers and ``MultiheadAttention.out_proj``), and of
+Hugging Face's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``, the linear layers of GPT-2
+and its relatives; found by class name, without importing ``transformers``, where its weight is
+2-D). ``Conv1D`` stores its weight as ``(in, out)``, the transpose of ``nn.Linear``'s; budgets
+use only the shape (``uniform``, ``erk`` and ``er`` scores are symmetric in the two dims), so
+this changes nothing. Biases, norms and embeddings stay dense unless a glob in ``include``
+names them. Parameters shared by several modules appear once, under the first name
+``named_parameters`` gives them: a linear layer tied to an embedding (GPT-2's ``lm_head``,
+whose weight is ``wte.weight``) makes that shared weight a target, once, under the
+embedding's name; ``exclude`` keeps it dense.
 
 A layer whose weight is computed from stored parameters is a target only where zeros in the
 stored parameter are zeros in the computed weight:
@@ -38,7 +45,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -52,6 +59,7 @@ PRUNABLE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Linear,
 )  # fmt: skip
+HF_CONV1D = "Conv1D"  # transformers.pytorch_utils.Conv1D: y = x @ W + b with W of shape (in, out)
 WEIGHT_STANDARDISED = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 # parametrizations / old-style hooks whose stored parameter keeps its zeros in the weight
 _ZERO_KEEPING_PARAMETRIZATIONS = {
@@ -96,6 +104,17 @@ def _stored_weight(module: nn.Module) -> tuple[str | None, str]:
     return None, f"weight not a stored parameter (forward pre-hooks: {', '.join(computed_by) or 'none'})"
 
 
+def _is_prunable(module: nn.Module) -> bool:
+    """A default target layer: one of ``PRUNABLE_MODULES``, or Hugging Face's ``Conv1D`` (by class
+    name, so that ``transformers`` need not be installed) with a 2-D weight."""
+    if isinstance(module, PRUNABLE_MODULES):
+        return True
+    if not any(c.__name__ == HF_CONV1D for c in type(module).__mro__):
+        return False
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() == 2
+
+
 def _is_weight_standardised(module: nn.Module) -> bool:
     return any(c.__name__ in WEIGHT_STANDARDISED for c in type(module).__mro__)
 
@@ -136,7 +155,7 @@ def select_targets(
     skipped: list[tuple[str, nn.Module, str]] = []  # (layer, module, why)
     standardised: list[tuple[str, nn.Module]] = []
     for layer, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_MODULES):
+        if not _is_prunable(module):
             continue
         layer = clean_name(layer)
         if _is_weight_standardised(module):
@@ -181,7 +200,7 @@ def select_targets(
     targets = {n: p for n, p in named if id(p) in chosen}
     if not targets:
         raise SparsityConfigError(
-            f"{type(model).__name__} has no prunable weights: no Conv, ConvTranspose or Linear weight is left "
+            f"{type(model).__name__} has no prunable weights: no Conv, ConvTranspose, Linear or Conv1D weight is left "
             f"after include={include}, exclude={exclude}, dense_first={dense_first}, dense_last={dense_last}. "
             "Name the parameters to prune with `include` (globs on parameter names)."
         )
