@@ -78,6 +78,9 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        from sparsetrain.plot import write_run_plots  # layer_density.png, sparsity_schedule.png; never raises
+
+        write_run_plots(output_dir, summary)
         log.info("\n%s", format_summary(summary, report.table()))
     _finish_wandb(loggers)
     return summary
