@@ -4,4 +4,4 @@ from sparsetrain.callback import SparsityCallback
 from sparsetrain.core.errors import SparsityConfigError
 
 __all__ = ["SparsityCallback", "SparsityConfigError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
