@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.kernels import MaskKernel
@@ -20,6 +21,7 @@ from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed
 from sparsetrain.core.targets import select_targets
 from sparsetrain.core.validation import check_choice, check_int
+from sparsetrain.methods import method_from_name
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 CONFIG_CHANGES = ("error", "continue")
@@ -93,7 +95,10 @@ class SparsityCallback(Callback):
     ever grows into them.
 
     Args:
-        method: a :class:`~sparsetrain.methods.base.SparsityMethod` (``GMP``, ``Static``, ...).
+        method: a :class:`~sparsetrain.methods.base.SparsityMethod` (``GMP``, ``Static``, ...), or
+            its name (``"dense"``, ``"static"``, ``"gmp"``, ``"rigl"``, ``"set"``, ``"granet"``,
+            ``"annealing"``, ``"fixed"``) with the method's arguments as further keywords:
+            ``SparsityCallback("rigl", sparsity=0.9, every=100)``.
         include, exclude: globs on parameter names added to / removed from the default
             targets (Conv1d/2d/3d and Linear weights).
         dense_first, dense_last: keep the first / last default target dense.
@@ -139,11 +144,19 @@ class SparsityCallback(Callback):
         kernel: str = "auto",
         on_config_change: str = "error",
         finalize: str = "warn",
+        **method_args,
     ):
+        if isinstance(method, str):
+            method = method_from_name(method, **method_args)
+        elif method_args:
+            raise SparsityConfigError(
+                f"{', '.join(method_args)}: method arguments go with a method name, e.g. "
+                f"SparsityCallback('rigl', sparsity=0.9); {type(method).__name__} is already built"
+            )
         if not isinstance(method, SparsityMethod):
             raise SparsityConfigError(
                 f"method={method!r} is not a sparsity method; pass one of sparsetrain.methods "
-                "(Dense, Static, GMP, ...)"
+                "(Dense, Static, GMP, ...) or its name ('gmp', 'rigl', ...)"
             )
         self.method = method
         self.include, self.exclude = include, exclude
@@ -176,6 +189,7 @@ class SparsityCallback(Callback):
         self._fit_trainer: int | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         """``SparsityCallback``, or with the target selection appended when it is not the default."""
         selection = dict(include=self.include, exclude=self.exclude, dense_first=self.dense_first, dense_last=self.dense_last)
@@ -230,6 +244,7 @@ class SparsityCallback(Callback):
             total = min(total, trainer.max_steps) if trainer.max_steps != -1 else total
         return int(total) if math.isfinite(total) and total > 0 else None
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         previous = self.targets
         self.targets = self._select(trainer, pl_module)
@@ -273,6 +288,7 @@ class SparsityCallback(Callback):
     def _stochastic(self, step: int) -> bool:
         return self.masks is not None and not self._final and self.method.stochastic(step)
 
+    @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         step = self._batch_start_step = trainer.global_step
         if self._stochastic(step):
@@ -310,6 +326,7 @@ class SparsityCallback(Callback):
             handle.remove()
         self._hooks = []
 
+    @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
 
@@ -334,6 +351,7 @@ class SparsityCallback(Callback):
             pairs = [(p.grad, self.masks[n]) for n, p in self.targets.items() if n in names]
             self.kernel([g for g, _ in pairs], [m for _, m in pairs])
 
+    @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self._restore()  # also when the batch had no backward
         self._remove_hooks()
@@ -362,6 +380,7 @@ class SparsityCallback(Callback):
                 "manual optimization): give start/end/every as int numbers of optimizer steps (trainer.global_step)"
             )
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()  # in case a callback ended the epoch between batch start and end
         self._apply_to_weights()
@@ -369,6 +388,7 @@ class SparsityCallback(Callback):
         pl_module.log("sparsity/global", report.global_sparsity, prog_bar=True, sync_dist=True)
         pl_module.log("sparsity/target", self.method.target_sparsity(self.step), sync_dist=True)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
         self._remove_hooks()
@@ -417,21 +437,27 @@ class SparsityCallback(Callback):
         if self._stochastic(self.step):  # evaluation sees the target network w * mask
             self._swap_in(pl_module, self.sampler.deterministic(self.targets.values(), self.masks.values()))
 
+    @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._eval_batch_start(pl_module)
 
+    @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._eval_batch_start(pl_module)
 
+    @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._eval_batch_start(pl_module)
 
+    @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._restore()
 
+    @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._restore()
 
+    @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._restore()
 
@@ -447,15 +473,19 @@ class SparsityCallback(Callback):
             self._load_restored(self._restored)
             self._restored = None
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_start(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_start(trainer, pl_module)
 
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._eval_start(trainer, pl_module)
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
         self._remove_hooks()
@@ -465,6 +495,7 @@ class SparsityCallback(Callback):
                 f"sparsity, below the target {self.method.sparsity:.2%}; resume from a checkpoint to finish the schedule"
             )
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore()
         self._remove_hooks()
@@ -561,6 +592,7 @@ class SparsityCallback(Callback):
         config.update({f"SparsityCallback.{k}": v for k, v in selection.items()})
         return {k: _plain(v) for k, v in config.items() if _plain(v) is not _NOT_PLAIN}
 
+    @override
     def state_dict(self) -> dict:
         return {
             "targets": list(self.targets),
@@ -573,6 +605,7 @@ class SparsityCallback(Callback):
             "step": self.step,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict) -> None:
         self._restored = state_dict  # applied in on_fit_start, once the targets are known
 

@@ -229,7 +229,10 @@ def test_torch_compiled_module():
         (lambda: GMP(distribution="gaussian"), "distribution='gaussian' is unknown; allowed: uniform, erk, er, global"),
         (lambda: Static(distribution="global"), "distribution='global' is unknown; allowed: uniform, erk, er"),
         (lambda: GMP(end=1.5), r"end=1.5 is a float.*\(0, 1\]"),
-        (lambda: SparsityCallback("gmp"), "method='gmp' is not a sparsity method"),
+        (lambda: SparsityCallback(42), "method=42 is not a sparsity method"),  # a name ("gmp") is fine since 0.2
+        (lambda: SparsityCallback("gmq"), "method='gmq' is unknown; allowed: dense, static, gmp, rigl"),
+        (lambda: SparsityCallback("rigl", sparsity=0.9, evry=100), "RigL does not take .*evry"),
+        (lambda: SparsityCallback(GMP(), sparsity=0.5), "sparsity: method arguments go with a method name"),
     ],
 )
 def test_bad_config_at_construction(make, match):

@@ -416,3 +416,13 @@ def test_activation_checkpointing_recomputes_with_the_sample_of_its_forward():
     with pytest.warns(UserWarning, match="beyond"):
         trainer(max_steps=3, max_epochs=1, callbacks=[cb, Grads()]).fit(model, random_loader())
     assert cb._forward == 0 and len(used) == 3  # one sample per batch: backward did not resample
+
+
+# --------------------------------------------------------------- a method by name
+def test_a_method_by_name_is_the_method_with_those_arguments():
+    L.seed_everything(0)
+    model = TinyNet()
+    cb = SparsityCallback("rigl", sparsity=0.8, every=2, end=8, distribution="uniform", seed=3)
+    assert type(cb.method) is RigL and cb.method.hparams()["every"] == 2 and cb.seed == 3
+    trainer(max_epochs=1, callbacks=[cb]).fit(model, random_loader())
+    assert zeros(model, TARGETS) == pruned(shapes_of(model, TARGETS), 0.8)
