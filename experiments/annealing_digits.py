@@ -21,8 +21,8 @@ of the dense weights (one threshold over all layers).
 * ``annealing (random ≤1, cosine)``: per-weight probabilities ``b_i ~ U[0, 1)`` (mean 0.5),
   cosine curve, same ``end``.
 
-Writes ``results/annealing_digits.csv`` (one row per run, as runs finish) and
-``results/annealing_digits.md`` (mean ± std over seeds).
+Writes ``<out>/<name>.csv`` (one row per run, as runs finish) and ``<out>/<name>.md`` (mean ± std over
+seeds), ``<name>`` = ``--name`` (default annealing_digits), ``<out>`` = ``--out`` (default experiments/results/).
 
 Usage::
 
@@ -55,6 +55,7 @@ from sparsetrain.apps.module import ClassificationModule
 from sparsetrain.core import budget_masks, magnitude_scores, select_targets
 from sparsetrain.methods import GMP, Dense, StochasticAnnealing
 
+RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "one-shot + FT": lambda s: GMP(sparsity=s, initial_sparsity=s, start=0, end=0, every=1, distribution="global"),
     "gradual (GMP) + FT": lambda s: GMP(sparsity=s, start=0, end=0.5, every=20, distribution="global"),
@@ -171,7 +172,7 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA],
                         help="fine-tuning variants ('one-shot + FT' is the reference of the difference table)")
     parser.add_argument("--name", default="annealing_digits", help="file name of the results (.csv, .md)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args(argv)
     chosen = {v: {**VARIANTS, **EXTRA}[v] for v in args.variants}
     torch.set_num_threads(args.threads)

@@ -24,7 +24,7 @@ variants run on the GPU, eager and compiled.
     python experiments/bench_annealing.py                                  # resnet18 32px b16 and digits_cnn b64
     python experiments/bench_annealing.py --configs resnet18:32:64 --rounds 5
 
-Writes ``experiments/results/bench_annealing.md`` and ``.csv``.
+Writes ``<out>/bench_annealing.md`` and ``.csv`` (default experiments/results/; ``--out DIR`` to change it).
 """
 
 from __future__ import annotations
@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="batches per epoch; a round is 2 epochs, the 2nd timed")
     parser.add_argument("--repeats", type=int, default=10, help="repeats of the kernel-only timings")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -190,8 +191,8 @@ def main() -> None:
             lines += [f"| {k} | {1000 * v:.2f} |" for k, v in kernels.items()]
             lines.append("")
             print("\n".join(lines[-(len(rows) + len(kernels) + 8):]), flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "bench_annealing.csv", "w", newline="") as f:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "bench_annealing.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
         writer.writeheader()
         writer.writerows(all_rows)
@@ -202,7 +203,7 @@ def main() -> None:
         "like any weight the forward saves) and the 1-byte keep mask autograd saves for the backward.",
         "",
     ]
-    (RESULTS / "bench_annealing.md").write_text("\n".join(lines))
+    (args.out / "bench_annealing.md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

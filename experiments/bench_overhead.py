@@ -31,8 +31,8 @@ the recomputed ``weight``).
     python experiments/bench_overhead.py --model resnet50 --image-size 224 --batch-size 32 --rounds 3 --steps 3
     python experiments/bench_overhead.py --device cuda --batch-size 128   # bf16 on a GPU
 
-Writes ``experiments/results/overhead_<device>_<model>_<size>_b<batch>.md`` and ``.csv``;
-``bench_overhead_grid.py`` runs the grid the README shows.
+Writes ``<out>/overhead_<device>_<model>_<size>_b<batch>.md`` and ``.csv`` (default experiments/results/;
+``--out DIR`` to change it); ``bench_overhead_grid.py`` runs the grid the README shows.
 """
 
 from __future__ import annotations
@@ -245,11 +245,11 @@ def time_gmp_update(model: nn.Module, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def write_results(rows: list[dict], update_s: float, profiled_runs: int, command: str) -> Path:
+def write_results(rows: list[dict], update_s: float, profiled_runs: int, command: str, out: Path = RESULTS) -> Path:
     r0 = rows[0]
     name = f"overhead_{r0['device']}_{r0['model']}_{r0['image_size']}_b{r0['batch_size']}"
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / f"{name}.csv", "w", newline="") as f:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{name}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(r0))
         writer.writeheader()
         writer.writerows(rows)
@@ -304,9 +304,9 @@ def write_results(rows: list[dict], update_s: float, profiled_runs: int, command
         f"- One GMP mask update (global magnitude top-k): {update_s * 1000:.1f} ms, "
         f"{update_s / (100 * dense_s):.2%} of training time at every=100.",
     ]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return RESULTS / f"{name}.md"
+    return out / f"{name}.md"
 
 
 def machine(device: str) -> str:
@@ -326,6 +326,7 @@ def main() -> None:
     parser.add_argument("--methods", default=METHODS, help="dense_again is a second dense run: the noise floor")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--profiled-runs", type=int, default=PROFILED_RUNS, help="extra runs under torch.profiler")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args()
     rows, update_s, profiled_runs = benchmark(
         args.model,
@@ -345,7 +346,7 @@ def main() -> None:
         + ("" if args.methods == METHODS else f" --methods {args.methods}")
         + ("" if args.profiled_runs == PROFILED_RUNS else f" --profiled-runs {args.profiled_runs}")
     )
-    write_results(rows, update_s, profiled_runs, command)
+    write_results(rows, update_s, profiled_runs, command, args.out)
 
 
 if __name__ == "__main__":

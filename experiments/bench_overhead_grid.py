@@ -5,8 +5,9 @@
     python experiments/bench_overhead_grid.py --summary-only   # rebuild the summary from the per-row CSVs
     python experiments/bench_overhead_grid.py --resume         # run only the rows not written yet
 
-Each row writes ``experiments/results/overhead_<device>_<model>_<size>_b<batch>.{md,csv}``;
-the summary, ``overhead_summary_<device>.{md,csv}``, is built from every such CSV present.
+Each row writes ``<out>/overhead_<device>_<model>_<size>_b<batch>.{md,csv}`` (default experiments/results/;
+``--out DIR`` to change it); the summary, ``<out>/overhead_summary_<device>.{md,csv}``, is built from every
+such CSV present in ``<out>``, and ``--resume`` skips the rows whose CSV is in ``<out>``.
 Rounds and steps per row are chosen so that a row takes minutes on its device; the biggest CPU
 rows run fewer methods (the compiled kernel, slower than eager on CPU, only where it is cheap).
 """
@@ -80,11 +81,13 @@ def table(header: list[str], body: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in body]
 
 
-def summarise(device: str) -> None:
+def summarise(device: str, out: Path = RESULTS) -> None:
     tables = []
-    for path in sorted(RESULTS.glob(f"overhead_{device}_*_b*.csv")):
+    for path in sorted(out.glob(f"overhead_{device}_*_b*.csv")):
         with open(path) as f:
             tables.append({r["method"]: r for r in csv.DictReader(f)})
+    if not tables:
+        raise SystemExit(f"no overhead_{device}_*_b*.csv in {out}")
     tables.sort(key=lambda t: (t["dense"]["model"], int(t["dense"]["image_size"]), int(t["dense"]["batch_size"])))
     config = [[t["dense"]["model"], t["dense"]["image_size"], t["dense"]["batch_size"]] for t in tables]
     dense_ms = [f"{float(t['dense']['median_step_ms']):.1f}" for t in tables]
@@ -122,9 +125,9 @@ def summarise(device: str) -> None:
         "",
         *step_table,
     ]
-    (RESULTS / f"overhead_summary_{device}.md").write_text("\n".join(lines) + "\n")
+    (out / f"overhead_summary_{device}.md").write_text("\n".join(lines) + "\n")
     rows = [r for t in tables for r in t.values()]
-    with open(RESULTS / f"overhead_summary_{device}.csv", "w", newline="") as f:
+    with open(out / f"overhead_summary_{device}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -136,10 +139,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=sorted(GRID))
     parser.add_argument("--summary-only", action="store_true")
     parser.add_argument("--resume", action="store_true", help="skip the rows whose CSV is already there")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args()
     if not args.summary_only:
         for model, size, batch, rounds, steps, methods, patch, profiled in GRID[args.device]:
-            if args.resume and (RESULTS / f"overhead_{args.device}_{model}_{size}_b{batch}.csv").exists():
+            if args.resume and (args.out / f"overhead_{args.device}_{model}_{size}_b{batch}.csv").exists():
                 continue
             print(f"== {model} {size}x{size} batch {batch} ({rounds} rounds x {steps} steps)", flush=True)
             rows, update_s, _ = benchmark(model, size, batch, rounds, steps, methods, args.device, patch, profiled)
@@ -150,8 +154,8 @@ def main() -> None:
                 + ("" if methods == METHODS else f" --methods {methods}")
                 + ("" if profiled == PROFILED_RUNS else f" --profiled-runs {profiled}")
             )
-            write_results(rows, update_s, profiled, command)
-    summarise(args.device)
+            write_results(rows, update_s, profiled, command, args.out)
+    summarise(args.device, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ For torchvision ResNet-50 (25.5 M prunable weights) and ResNet-18 (11.7 M), on t
 Each time is the median of ``--repeats`` runs after one warm-up, wall clock and process CPU
 time. One thread by default: on a shared machine that keeps the CPU time meaningful. Usage::
 
-    python experiments/bench_rigl_update.py            # writes experiments/results/bench_rigl_update.md
+    python experiments/bench_rigl_update.py                 # writes experiments/results/bench_rigl_update.md
+    python experiments/bench_rigl_update.py --out /tmp/rigl # writes /tmp/rigl/bench_rigl_update.md
+
+Writes ``<out>/bench_rigl_update.md`` (default experiments/results/).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import torchvision
 from sparsetrain.core.masks import apply_masks_, reset_optimizer_state_
 from sparsetrain.core.targets import select_targets
 from sparsetrain.methods import RigL, SparsityContext
+
+RESULTS = Path(__file__).parent / "results"
 
 
 def timed(fn) -> tuple[float, float]:
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
     parser.add_argument("--every", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results") / "bench_rigl_update.md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -160,8 +165,8 @@ def main(argv=None) -> None:
         "```",
         "",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_rigl_update.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

@@ -10,7 +10,8 @@ applications with the eager and, with ``--compiled``, the compiled kernel.
 
     python experiments/bench_scaling.py [--compiled]
 
-Writes ``experiments/results/scaling_cpu.csv``, ``scaling_cpu.md`` and ``scaling_cpu.png``.
+Writes ``<out>/scaling_cpu.csv``, ``scaling_cpu.md`` and ``scaling_cpu.png`` (default experiments/results/;
+``--out DIR`` to change it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="5,10,25,50,75,100", help="millions of target weights")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--compiled", action="store_true", help="also time the torch.compile kernel")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args()
 
     kinds = ["eager"] + (["compiled"] if args.compiled else [])
@@ -73,8 +75,8 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
 
-    RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "scaling_cpu.csv", "w", newline="") as f:
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "scaling_cpu.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -96,7 +98,7 @@ def main() -> None:
     ax.set_ylim(bottom=0)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "scaling_cpu.png", dpi=120)
+    fig.savefig(args.out / "scaling_cpu.png", dpi=120)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     lines = [
@@ -115,7 +117,7 @@ def main() -> None:
         ],
         "",
     ]
-    (RESULTS / "scaling_cpu.md").write_text("\n".join(lines))
+    (args.out / "scaling_cpu.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

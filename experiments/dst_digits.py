@@ -4,8 +4,8 @@ A small CNN (``digits_cnn``: four 3x3 conv-BN-ReLU layers, 65 k prunable weights
 SGD (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4, cosine LR), batch 64, for ``--epochs``
 epochs (20 steps each), at each sparsity and seed; test accuracy on the fixed 270-image test
 split (``split_seed=0``; the seed changes the initialisation, the masks and the data order).
-Writes ``results/dst_digits.csv`` (one row per run, written as runs finish) and
-``results/dst_digits.md`` (mean ± std over seeds).
+Writes ``<out>/dst_digits.csv`` (one row per run, written as runs finish) and
+``<out>/dst_digits.md`` (mean ± std over seeds); ``<out>`` = ``--out`` (default experiments/results/).
 
 Method settings (``every`` = 20 steps = one epoch):
 
@@ -41,6 +41,7 @@ from sparsetrain.apps.models import build_model
 from sparsetrain.apps.module import ClassificationModule
 from sparsetrain.methods import GMP, SET, Dense, GraNet, RigL, Static
 
+RESULTS = Path(__file__).parent / "results"
 METHODS = {
     "dense": lambda s: Dense(),
     "static": lambda s: Static(sparsity=s, distribution="erk"),
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this net)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("results"))
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.getLogger("lightning").setLevel(logging.ERROR)

@@ -3,7 +3,7 @@
 For every seed: ``sparsetrain-lottery experiment=lth_lenet_digits seed=S`` (LeNet-300-100, IMP with
 rewinding to initialisation, 18 levels of p = 0.2 down to 1.8 % density, 20 epochs per level), then
 the same with ``lottery.control=reinit`` (each level's masks trained from a fresh init). Then the
-mean and std over seeds go to ``experiments/results/lth_digits.{csv,md,png}``.
+mean and std over seeds go to ``<out>/lth_digits.{csv,md,png}`` (default experiments/results/; ``--out DIR``).
 
     python experiments/lth_digits.py                       # 3 seeds, ~20 min on 2 CPU cores
     python experiments/lth_digits.py --seeds 0 --levels 4  # a quick look
@@ -45,7 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--levels", type=int, default=18)
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
