@@ -327,3 +327,188 @@ def test_bad_method_value_names_the_key():
     cfg = compose_cfg(overrides=["sparsity.method.distribution=bogus"])
     with pytest.raises(Exception, match="distribution='bogus'"):
         instantiate(cfg.sparsity)
+
+
+# ------------------------------------------- config groups: sparsity base, callbacks, paths
+
+CALLBACK_NODE = {
+    "_target_": "sparsetrain.SparsityCallback",
+    "_convert_": "all",
+    "include": None,
+    "exclude": None,
+    "dense_first": False,
+    "dense_last": False,
+    "seed": 0,
+    "log_per_layer": True,
+}
+# a few method keys of each sparsity option, as each file held them before the shared _callback.yaml
+METHOD_KEYS = {
+    "dense": {"_target_": "sparsetrain.apps.train.dense_method", "sparsity": None},
+    "static": {"_target_": "sparsetrain.methods.Static", "sparsity": 0.9, "distribution": "erk", "overrides": None},
+    "gmp": {"_target_": "sparsetrain.methods.GMP", "sparsity": 0.9, "start": 0.1, "end": 0.7, "schedule": "cubic"},
+    "rigl": {"_target_": "sparsetrain.methods.RigL", "every": 0.02, "drop_fraction": 0.3, "end": 0.75, "init": "random"},
+    "set": {"_target_": "sparsetrain.methods.SET", "every": 0.02, "drop_fraction": 0.3, "skip_optimizer_step": False},
+    "granet": {"_target_": "sparsetrain.methods.GraNet", "initial_density": 1.0, "regrowth_fraction": 0.5},
+    "annealing": {"_target_": "sparsetrain.methods.StochasticAnnealing", "target": "magnitude", "end": 0.5},
+}
+
+
+@pytest.mark.parametrize("name", list(METHOD_KEYS))
+def test_sparsity_options_compose_to_the_full_callback_node(name):
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(compose_cfg(overrides=[f"sparsity={name}"]).sparsity, resolve=True)
+    method = node.pop("method")
+    assert node == CALLBACK_NODE  # exactly the callback keys, from configs/sparsity/_callback.yaml
+    assert {k: method[k] for k in METHOD_KEYS[name]} == METHOD_KEYS[name]
+    assert compose_cfg(overrides=[f"sparsity={name}", "seed=7"]).sparsity.seed == 7  # seed: ${seed}
+
+
+def test_set_is_rigl_with_another_class():
+    from omegaconf import OmegaConf
+
+    rigl, set_ = (OmegaConf.to_container(compose_cfg(overrides=[f"sparsity={n}"]).sparsity) for n in ("rigl", "set"))
+    assert set_["method"].pop("_target_") == "sparsetrain.methods.SET"
+    assert rigl["method"].pop("_target_") == "sparsetrain.methods.RigL"
+    assert set_ == rigl and len(rigl["method"]) == 12  # every other RigL argument, same values
+
+
+def test_callbacks_and_paths_groups():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from sparsetrain.apps.hydra_utils import instantiate_callbacks
+
+    cfg = compose_cfg(Path("/run"))
+    assert cfg.paths.output_dir == "/run"
+    checkpoint = cfg.callbacks.model_checkpoint
+    assert checkpoint.dirpath == "/run/checkpoints" and checkpoint.filename == "epoch{epoch:03d}-step{step:06d}"
+    assert (checkpoint.save_last, checkpoint.save_top_k, checkpoint.save_on_exception) == (True, 1, True)
+    assert checkpoint.monitor is None and checkpoint.mode == "max" and checkpoint.auto_insert_metric_name is False
+    assert [type(c) for c in instantiate_callbacks(cfg.callbacks)] == [ModelCheckpoint]
+    more = compose_cfg(Path("/run"), [f"+callbacks.stop._target_={__name__}.StopAfterEpochs", "+callbacks.stop.epochs=2"])
+    assert [type(c).__name__ for c in instantiate_callbacks(more.callbacks)] == ["ModelCheckpoint", "StopAfterEpochs"]
+    assert instantiate_callbacks(compose_cfg(Path("/run"), ["callbacks=none"]).callbacks) == []
+    assert instantiate_callbacks(compose_cfg(Path("/run"), ["callbacks.model_checkpoint=null"]).callbacks) == []
+    with pytest.raises(ValueError, match=r"callbacks\.es has no _target_"):
+        instantiate_callbacks(compose_cfg(Path("/run"), ["+callbacks.es.monitor=val/acc"]).callbacks)
+
+
+CALLBACK_ORDER: list[str] = []
+
+
+class RecordCallbackOrder(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        CALLBACK_ORDER[:] = [type(c).__name__ for c in trainer.callbacks]
+
+
+def test_sparsity_callback_runs_first(tmp_path):
+    summary = run(tmp_path, [*ONE_STEP, f"+callbacks.order._target_={__name__}.RecordCallbackOrder"])
+    order = CALLBACK_ORDER
+    assert order[0] == "SparsityCallback" and order.index("RecordCallbackOrder") < order.index("ModelCheckpoint")
+    assert summary["last_checkpoint"] == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+# -------------------------------------------------------------------- optimized_metric
+
+
+def test_optimized_metric_is_returned_and_checked(tmp_path):
+    from sparsetrain.apps.train import main, optimized_value
+
+    cfg = compose_cfg(tmp_path, [*ONE_STEP, "~logger", "optimized_metric=val/loss"])
+    assert cfg.optimized_metric == "val/loss" and compose_cfg().optimized_metric == "test/acc"
+    value = main.__wrapped__(cfg)  # the task function under @hydra.main
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert value == summary["metrics"]["val/loss"] and isinstance(value, float)
+    assert optimized_value(summary, "test/acc") == summary["test_acc"]
+    assert optimized_value(summary, "val/acc") == summary["val_acc"]
+    assert optimized_value(summary, None) is None
+    with pytest.raises(KeyError, match=r"optimized_metric='val/acx'.*val/acc"):
+        optimized_value(summary, "val/acx")
+    assert optimized_value({**summary, "test_acc": None, "metrics": {"val/acc": 0.5}}, "test/acc") is None  # test=false
+
+
+# ------------------------------------------------------- the experiment in every logger
+
+
+def test_summary_records_the_method_arguments(tmp_path):
+    summary = run(tmp_path, [*ONE_STEP, "~logger", "sparsity=static", "sparsity.method.sparsity=0.8"])
+    assert summary["method_name"] == "Static" and summary["method_args"]["sparsity"] == 0.8
+    assert summary["method_args"]["distribution"] == "erk"
+    assert summary["method_repr"] == summary["method"] and summary["method"].startswith("Static(")
+    assert summary["overrides"] is None  # not under Hydra's main: no command line
+
+
+def test_csv_and_tensorboard_get_the_config_as_hparams(tmp_path):
+    import yaml
+
+    run(tmp_path, [*ONE_STEP, "logger=[csv,tensorboard]", "seed=3", "sparsity=rigl", "sparsity.method.sparsity=0.7"])
+    for path in (tmp_path / "csv" / "hparams.yaml", tmp_path / "tensorboard" / "hparams.yaml"):
+        hp = yaml.safe_load(path.read_text())
+        assert hp["method"]["name"] == "RigL" and hp["method"]["args"]["sparsity"] == 0.7, path
+        assert hp["sparsity"]["method"]["_target_"] == "sparsetrain.methods.RigL"
+        assert hp["model"]["name"] == "digits_cnn" and hp["seed"] == 3 and hp["sparsity"]["seed"] == 3
+        assert hp["data"]["_target_"].endswith("DigitsDataModule") and hp["trainer"]["max_epochs"] == 1
+        assert hp["lr"] == 0.1  # the module's own hyperparameters (Lightning) stay next to the config
+
+
+def test_wandb_offline_logs_the_config_and_the_sweep_group(tmp_path, monkeypatch):
+    import wandb
+
+    from sparsetrain.apps import hydra_utils
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(hydra_utils, "sweep_group", lambda hc=None: "multirun/study")  # as in a multirun
+    recorded = {}
+    finish = wandb.finish
+
+    def read_config_then_finish(*args, **kwargs):
+        recorded.update(config=dict(wandb.run.config), group=wandb.run.group)
+        return finish(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "finish", read_config_then_finish)
+    run(tmp_path, ["logger=wandb", *ONE_STEP, "seed=5", "sparsity.method.sparsity=0.8"])
+    config = recorded["config"]
+    assert config["method"]["name"] == "GMP" and config["method"]["args"]["sparsity"] == 0.8
+    assert config["sparsity"]["method"]["sparsity"] == 0.8
+    assert config["model"]["name"] == "digits_cnn" and config["seed"] == 5
+    assert recorded["group"] == "multirun/study"
+
+
+def test_wandb_group_only_where_none_is_set(tmp_path):
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+
+    from sparsetrain.apps.hydra_utils import set_wandb_group, sweep_group
+
+    hc = lambda mode, sweep: SimpleNamespace(mode=mode, sweep=SimpleNamespace(dir=sweep), runtime=SimpleNamespace(cwd=str(tmp_path)))  # noqa: E731
+    assert sweep_group(hc(RunMode.MULTIRUN, str(tmp_path / "multirun" / "2025-01-31" / "12-00-00"))) == "multirun/2025-01-31/12-00-00"
+    assert sweep_group(hc(RunMode.MULTIRUN, "/elsewhere/sweep")) == "/elsewhere/sweep"
+    assert sweep_group(hc(RunMode.RUN, "multirun/x")) is None
+    assert sweep_group() is None  # outside Hydra
+    cfg = compose_cfg(tmp_path, ["logger=many"])
+    assert cfg.logger.wandb.group is None
+    assert set_wandb_group(cfg.logger, "multirun/x") == "multirun/x" and cfg.logger.wandb.group == "multirun/x"
+    assert "group" not in cfg.logger.csv
+    mine = compose_cfg(tmp_path, ["logger=wandb", "logger.wandb.group=mine"])
+    assert set_wandb_group(mine.logger, "multirun/x") is None and mine.logger.wandb.group == "mine"
+    assert set_wandb_group(compose_cfg(tmp_path).logger) is None  # no multirun
+
+
+def test_multirun_records_overrides_and_wandb_group(tmp_path):
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sparsetrain.apps.train", "-m", "seed=4", "logger=[csv,wandb]", *ONE_STEP, *QUIET,
+           f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert "seed=4" in summary["overrides"] and "logger=[csv,wandb]" in summary["overrides"]
+    hp = yaml.safe_load((sweep / "0" / "csv" / "hparams.yaml").read_text())
+    assert hp["logger"]["wandb"]["group"] == str(sweep) and "seed=4" in hp["overrides"]
+    assert len(list(sweep.glob("0/wandb/offline-run-*/run-*.wandb"))) == 1

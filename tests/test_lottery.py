@@ -249,3 +249,44 @@ def test_lottery_experiments_compose(experiment):
     lot = lottery_from_config(cfg)
     assert lot.params["prune_fraction"] == 0.2 and lot.levels >= 10 and cfg.lottery.name == experiment
     assert cfg.lottery.dir == f"outputs/lottery/{experiment}/weight_p0.2_global_rw{cfg.lottery.rewind}_seed0"
+
+
+# ------------------------------------------------------------------------ the app's output
+
+
+def lottery_cfg(folder: Path, overrides=()):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("lottery", overrides=[f"lottery.dir={folder}", *BASE, *overrides])
+
+
+def test_app_ends_with_the_level_table(main_run, caplog):
+    import logging
+
+    from sparsetrain.apps.lottery import run_lottery
+
+    folder, _, _ = main_run
+    before = fits(folder)
+    with caplog.at_level(logging.INFO, logger="sparsetrain.apps.lottery"):
+        results = run_lottery(lottery_cfg(folder, ["lottery.levels=3"]))  # every level done: nothing trains
+    assert fits(folder) == before and [r["level"] for r in results] == [0, 1, 2, 3]
+    messages = [r.getMessage() for r in caplog.records if r.name == "sparsetrain.apps.lottery"]
+    assert sum("weight level" in m and "done before" in m for m in messages) == 4
+    assert messages[-1].count("| weight |") == 4 and "| run | level | target_density |" in messages[-1]
+    assert messages[-1].endswith((folder / "summary.md").read_text().rstrip())
+
+
+def test_app_levels_are_quiet_unless_verbose(tmp_path, capfd, caplog):
+    import logging
+
+    from sparsetrain.apps.lottery import LIGHTNING_INFO, run_lottery
+
+    levels = {name: logging.getLogger(name).level for name in LIGHTNING_INFO}
+    with caplog.at_level(logging.INFO, logger="sparsetrain.apps.lottery"):
+        run_lottery(lottery_cfg(tmp_path, ["lottery.levels=1", "trainer.max_epochs=1", "trainer.enable_model_summary=true"]))
+    out, err = capfd.readouterr()
+    assert "Seed set to" not in out + err and "GPU available" not in out + err
+    assert (out + err).count("Trainable params") == 1  # the model summary of level 0 only
+    assert {name: logging.getLogger(name).level for name in LIGHTNING_INFO} == levels  # restored
+    lines = [r.getMessage() for r in caplog.records if "level 0" in r.getMessage()]
+    assert lines[0].startswith("weight level 00/01: density 100.00 %, test_acc ") and "20 steps" in lines[0]
+    assert lines[1].startswith("weight level 01/01: density 70.00 %")

@@ -35,10 +35,12 @@ In Python, ``Lottery(make_module, make_datamodule, make_trainer, dir, levels=...
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -54,6 +56,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from sparsetrain.apps.hydra_utils import instantiate_callbacks, instantiate_loggers
 from sparsetrain.apps.train import config_dir
 from sparsetrain.callback import SparsityCallback
 from sparsetrain.core.errors import SparsityConfigError
@@ -64,6 +67,7 @@ from sparsetrain.core.targets import select_targets
 from sparsetrain.methods.lottery import FixedMasks
 
 MODES, CONTROLS = ("weight", "lr"), ("none", "reinit", "random_mask")
+log = logging.getLogger(__name__)
 COLUMNS = ["run", "level", "target_density", "density", "test_acc", "test_acc_final", "val_acc", "steps", "wall_time_s"]
 
 
@@ -192,7 +196,13 @@ class Lottery:
         for level in range(0 if self.control == "none" else 1, self.levels + 1):
             folder = self.out / f"level_{level:02d}"
             done = folder / "result.json"
-            results.append(json.loads(done.read_text()) if done.is_file() else self._level(level, folder))
+            if done.is_file():
+                result = json.loads(done.read_text())
+                log.info("%s: done before (%s)", _level_line(result, self.levels), done)
+            else:
+                result = self._level(level, folder)
+                log.info("%s", _level_line(result, self.levels))
+            results.append(result)
             if _rank0():
                 write_summary(self.root)
         return results
@@ -416,6 +426,16 @@ class _SkipFirst(torch.utils.data.Sampler):
 
 
 # -------------------------------------------------------------------------- summary
+def _level_line(r: dict, levels: int) -> str:
+    """One line per level for the log: ``weight level 03/18: density 51.20 % ...``."""
+    acc = lambda x: "n/a" if x is None else f"{100 * x:.2f} %"  # noqa: E731
+    return (
+        f"{r.get('run')} level {r.get('level', 0):02d}/{levels:02d}: density {acc(r.get('density'))}, "
+        f"test_acc {acc(r.get('test_acc'))} (best val ckpt), {acc(r.get('test_acc_final'))} (final), "
+        f"{r.get('steps')} steps, {r.get('wall_time_s')} s"
+    )
+
+
 def write_summary(root: Path) -> list[dict]:
     """``summary.csv``, ``summary.md`` and ``accuracy_vs_density.png`` over the main run and its controls."""
     root = Path(root)
@@ -465,12 +485,16 @@ def lottery_from_config(cfg: DictConfig) -> Lottery:
         shape = {k: getattr(datamodule, k) for k in ("num_classes", "in_chans", "img_size") if cfg.model.get(k) is None}
         return instantiate(cfg.module, net=instantiate(cfg.model, **shape), num_classes=datamodule.num_classes)
 
+    built = []  # trainers made so far: verbose=false shows the model summary of the first one only
+
     def make_trainer(folder: Path, callbacks: list):
         level_cfg = copy.deepcopy(cfg)
         level_cfg.paths.output_dir = str(folder)
-        loggers = [instantiate(c) for c in (level_cfg.get("logger") or {}).values() if c is not None]
-        callbacks = callbacks + [instantiate(c) for c in (level_cfg.get("callbacks") or {}).values() if c is not None]
-        return instantiate(level_cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        loggers = instantiate_loggers(level_cfg.get("logger"))
+        callbacks = callbacks + instantiate_callbacks(level_cfg.get("callbacks"))  # the level's own first, in order
+        quiet = {"enable_model_summary": False} if built and not cfg.get("verbose", True) else {}
+        built.append(folder)
+        return instantiate(level_cfg.trainer, callbacks=callbacks, logger=loggers or False, **quiet)
 
     options = OmegaConf.to_container(cfg.lottery, resolve=True)
     options.pop("name", None)
@@ -486,10 +510,42 @@ def lottery_from_config(cfg: DictConfig) -> Lottery:
     )
 
 
+# Lightning's per-fit INFO messages ("GPU available", "Seed set to", "Restoring states", "`Trainer.fit` stopped", ...)
+LIGHTNING_INFO = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                  "lightning.fabric.utilities.seed", "lightning.pytorch.accelerators.cuda")  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_lightning(quiet: bool = True):
+    """Lightning's per-fit INFO messages to WARNING while the levels run (warnings and errors still show)."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO] if quiet else []
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def run_lottery(cfg: DictConfig) -> list[dict]:
+    """What ``sparsetrain-lottery`` does: every level of ``cfg`` (one INFO line each; Lightning's per-fit
+    messages only with ``verbose=true``), then the level table of ``summary.md`` at INFO."""
+    lottery = lottery_from_config(cfg)
+    with _quiet_lightning(not cfg.get("verbose", False)):
+        results = lottery.run()
+    table = lottery.root / "summary.md"
+    if _rank0() and table.is_file():
+        log.info("lottery %s (%s):\n%s", lottery.root, "summary.md, summary.csv, accuracy_vs_density.png",
+                 table.read_text().rstrip())  # fmt: skip
+    return results
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="lottery")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the last level's test accuracy."""
-    return lottery_from_config(cfg).run()[-1]["test_acc"]
+    return run_lottery(cfg)[-1]["test_acc"]
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
     sparsetrain-train ckpt_path=outputs/<run>/checkpoints/last.ckpt   # resume
 
 Each run writes to its Hydra output directory: ``.hydra/`` (the resolved config),
-``checkpoints/`` (``last.ckpt`` holds the masks and the method's state), ``csv/metrics.csv`` and
-``summary.json`` (test accuracy, sparsity counted from the weights, per layer, wall time).
+``checkpoints/`` (``last.ckpt`` holds the masks and the method's state), ``csv/metrics.csv``,
+``csv/hparams.yaml`` (the resolved config, as every logger gets it) and ``summary.json`` (test
+accuracy, sparsity counted from the weights, per layer, the method and its arguments, the overrides,
+wall time). The Hydra main returns the final value of ``optimized_metric`` (default ``test/acc``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
+from sparsetrain.apps.hydra_utils import (
+    experiment_hparams,
+    hydra_overrides,
+    instantiate_callbacks,
+    instantiate_loggers,
+    log_hyperparameters,
+    method_info,
+    set_wandb_group,
+)
 from sparsetrain.core.report import sparsity_report
 
 log = logging.getLogger(__name__)
@@ -62,19 +73,25 @@ def train(cfg: DictConfig) -> dict:
     module = instantiate(cfg.module, net=net, num_classes=datamodule.num_classes, _convert_="all")
 
     sparsity = instantiate(cfg.sparsity)
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [sparsity, instantiate(cfg.checkpoint)]
-    callbacks += [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    set_wandb_group(cfg.get("logger"))  # a multirun's jobs: one W&B group (unless logger.wandb.group is set)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    # the SparsityCallback first: it must run before ModelCheckpoint and the user's callbacks
+    callbacks = [sparsity, *instantiate_callbacks(cfg.get("callbacks"))]
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    overrides = hydra_overrides()
+    log_hyperparameters(trainer, experiment_hparams(cfg, getattr(sparsity, "method", None), overrides))
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    val_acc = trainer.callback_metrics.get("val/acc")  # trainer.test resets callback_metrics
+    fit_metrics = _scalars(trainer.callback_metrics)  # trainer.test resets callback_metrics
+    val_acc = fit_metrics.get("val/acc")
     test = trainer.test(module, datamodule=datamodule, verbose=False)[0] if cfg.get("test", True) else {}
 
     report = sparsity.sparsity_report(module)  # from the model's weights: also right after ddp_spawn
     summary = make_summary(cfg, trainer, module, sparsity, report, test, val_acc, time.perf_counter() - started)
+    summary["metrics"] = {**fit_metrics, **_scalars(test)}
+    summary["overrides"] = overrides
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -86,10 +103,40 @@ def train(cfg: DictConfig) -> dict:
     return summary
 
 
+def _scalars(metrics) -> dict:
+    """``{name: float}`` of a metrics mapping (tensors or numbers)."""
+    return {k: float(v) for k, v in metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+
+def _last_checkpoint(trainer) -> str | None:
+    """Where the first ModelCheckpoint with ``save_last`` writes ``last.ckpt``, else ``None``."""
+    for cb in trainer.checkpoint_callbacks:
+        if cb.save_last and cb.dirpath is not None:
+            return str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}")
+    return None
+
+
+def optimized_value(summary: dict, key: str | None) -> float | None:
+    """The final value of ``optimized_metric`` (a key of ``summary["metrics"]``: the val and test
+    metrics); ``None`` for ``key=None`` and, with a warning, for a ``test/*`` key of a run with ``test=false``."""
+    if key is None:
+        return None
+    metrics = summary.get("metrics") or {}
+    if key in metrics:
+        return metrics[key]
+    if key.startswith("test/") and summary.get("test_acc") is None and not any(k.startswith("test/") for k in metrics):
+        log.warning("optimized_metric=%s: the run did not test (test=false), so there is no value to return", key)
+        return None
+    raise KeyError(
+        f"optimized_metric={key!r} is not a metric of this run; it logged: {', '.join(sorted(metrics)) or 'none'}"
+    )
+
+
 def make_summary(cfg, trainer, module, sparsity, report, test: dict, val_acc, wall_time: float) -> dict:
     everything = sparsity_report(dict(module.net.named_parameters()))
     method = getattr(sparsity, "method", None)
     target = method.target_sparsity(trainer.global_step) if method is not None else None
+    info = method_info(method) or {}
     return {
         "test_acc": test.get("test/acc"),
         "test_loss": test.get("test/loss"),
@@ -101,7 +148,10 @@ def make_summary(cfg, trainer, module, sparsity, report, test: dict, val_acc, wa
         "all_params": everything.numel,
         "all_params_sparsity": everything.global_sparsity,
         "layers": report.to_dict()["layers"],
-        "method": repr(method),
+        "method": repr(method),  # sparsetrain-report groups by it
+        "method_repr": repr(method),
+        "method_name": info.get("name"),
+        "method_args": info.get("args"),
         "model": cfg.model.get("name"),
         "data": cfg.data.get("name") or cfg.data._target_.rsplit(".", 1)[-1].removesuffix("DataModule").lower(),
         "seed": cfg.get("seed"),
@@ -109,7 +159,7 @@ def make_summary(cfg, trainer, module, sparsity, report, test: dict, val_acc, wa
         "steps": trainer.global_step,
         "wall_time_s": round(wall_time, 2),
         "output_dir": str(cfg.paths.output_dir),
-        "last_checkpoint": str(Path(cfg.checkpoint.dirpath) / "last.ckpt") if cfg.checkpoint.get("save_last") else None,
+        "last_checkpoint": _last_checkpoint(trainer),
     }
 
 
@@ -147,9 +197,10 @@ def _finish_wandb(loggers) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns the test accuracy (the value a sweeper optimises)."""
+    """Hydra entry point; returns the final value of ``optimized_metric`` (default ``test/acc``: the
+    value a sweeper such as Optuna optimises)."""
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    return train(cfg)["test_acc"]
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
