@@ -7,6 +7,7 @@ calling process (a notebook, say) is never touched.
 * :func:`accuracy_vs_sparsity` - a sweep: accuracy vs sparsity per method, mean ± std over seeds
 * :func:`layer_density` - one run: density of every pruned layer (from ``summary.json``'s ``layers``)
 * :func:`sparsity_schedule` - one run: target vs measured sparsity over optimizer steps
+* :func:`accuracy_vs_density` - lottery tickets: accuracy vs density per run (log scale), dense line
 * :func:`write_run_plots` - the last two for a finished run folder; never raises
 """
 
@@ -272,3 +273,54 @@ def write_run_plots(output_dir, summary: Mapping) -> list[Path]:
     except Exception as err:  # noqa: BLE001
         log.warning("could not write %s: %s: %s", out / "sparsity_schedule.png", type(err).__name__, err)
     return written
+
+
+#: legend names of the lottery runs (``result.json``'s ``run``)
+LOTTERY_RUNS = {
+    "weight": "IMP, weight rewinding",
+    "lr": "IMP, learning-rate rewinding",
+    "reinit": "control: same masks, random re-init",
+    "random_mask": "control: random masks, same layer densities",
+}
+
+
+def accuracy_vs_density(rows: Sequence[Mapping], path, *, title: str = "Lottery tickets: test accuracy vs density") -> Path:
+    """Test accuracy (%) vs density (% of prunable weights left, log scale, densest left) per run.
+
+    ``rows``: the lottery's level results (``run``, ``level``, ``density``, ``test_acc``; fractions).
+    Level 0 of the main run is the dense network: a dashed reference line. Runs are named in plain
+    words (:data:`LOTTERY_RUNS`); rows of one run at the same level (several seeds) are averaged,
+    with the standard deviation as error bars.
+    """
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    dense = [r["test_acc"] for r in rows if r.get("level") == 0 and r.get("test_acc") is not None]
+    if dense:
+        ax.axhline(100 * sum(dense) / len(dense), color="0.3", linestyle="--", linewidth=1, label="dense (level 0)")
+    for run in dict.fromkeys(r["run"] for r in rows):
+        by_level: dict[int, list[Mapping]] = {}
+        for r in rows:
+            if r["run"] == run and r.get("test_acc") is not None and r.get("level", 0) > 0:
+                by_level.setdefault(r["level"], []).append(r)
+        if not by_level:
+            continue
+        xs, ys, errs = [], [], []
+        for level in sorted(by_level):
+            accs = [100 * r["test_acc"] for r in by_level[level]]
+            mean = sum(accs) / len(accs)
+            xs.append(100 * sum(r["density"] for r in by_level[level]) / len(accs))
+            ys.append(mean)
+            errs.append(math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0)
+        ax.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=LOTTERY_RUNS.get(run, run))
+    ax.set_xscale("log")
+    lowest = min([100 * r["density"] for r in rows if r.get("density")] or [100])
+    candidates = (100, 70, 50, 30, 20, 10, 7, 5, 3, 2, 1, 0.7, 0.5, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01)
+    ticks = [t for t in candidates if t >= lowest * 0.999]
+    ticks += [t for t in candidates if t < lowest * 0.999][:1]  # one below the sparsest level
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(105, ticks[-1] * 0.95)  # densest left
+    ax.minorticks_off()
+    ax.set(xlabel="density: prunable weights left (%, log scale)", ylabel="test accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

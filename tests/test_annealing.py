@@ -26,7 +26,7 @@ from sparsetrain.core.stochastic import (
     sample_masked_weight,
 )
 from sparsetrain.methods import GMP, StochasticAnnealing
-from sparsetrain.weights_from import WeightsFrom
+from sparsetrain.apps.weights_from import WeightsFrom
 from tests.helpers import TinyNet, random_loader, straight_and_resumed, trainer
 
 TARGETS = ["conv.weight", "fc1.weight", "fc2.weight"]

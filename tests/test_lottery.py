@@ -290,3 +290,13 @@ def test_app_levels_are_quiet_unless_verbose(tmp_path, capfd, caplog):
     lines = [r.getMessage() for r in caplog.records if "level 0" in r.getMessage()]
     assert lines[0].startswith("weight level 00/01: density 100.00 %, test_acc ") and "20 steps" in lines[0]
     assert lines[1].startswith("weight level 01/01: density 70.00 %")
+
+
+def test_a_run_rejected_at_start_does_not_claim_its_folder(tmp_path):
+    with pytest.raises(SparsityConfigError, match="lottery.rewind=1000"):
+        lottery(tmp_path / "a", ["lottery.rewind=1000"]).run()  # rejected at level 0's fit start
+    with pytest.raises(SparsityConfigError, match="matches no target"):
+        lottery(tmp_path / "c", ["lottery.layer_fractions={head*:0.1}"]).run()  # rejected before any level
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+    lottery(tmp_path / "a", ["lottery.levels=1"]).run()  # the same folder, now with valid settings
+    assert (tmp_path / "a" / "level_01" / "result.json").is_file()

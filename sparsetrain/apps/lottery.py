@@ -38,11 +38,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import itertools
 import json
 import logging
-import math
-import os
 import shutil
 import time
 import warnings
@@ -53,7 +50,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from sparsetrain.apps.hydra_utils import instantiate_callbacks, instantiate_loggers
@@ -61,10 +58,11 @@ from sparsetrain.apps.train import config_dir
 from sparsetrain.callback import SparsityCallback
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.imp import COUNTING, PRUNING, check_fraction, imp_masks, layer_fraction_map, random_masks_like
-from sparsetrain.core.masks import reset_optimizer_state_
-from sparsetrain.core.schedules import resolve_step
 from sparsetrain.core.targets import select_targets
-from sparsetrain.methods.lottery import FixedMasks
+from sparsetrain.apps.rewind import LevelStart, SaveRewindPoint
+from sparsetrain.methods.fixed import FixedMasks
+
+_LevelStart = LevelStart  # the name of 0.1
 
 MODES, CONTROLS = ("weight", "lr"), ("none", "reinit", "random_mask")
 log = logging.getLogger(__name__)
@@ -188,10 +186,22 @@ class Lottery:
     # ------------------------------------------------------------------ levels
     def run(self) -> list[dict]:
         """Train every level not yet done; return one result dict per level (also in ``result.json``)."""
+        fresh = not self.out.exists()
         self._check_folder()
         if self.params["layer_fractions"]:  # a glob that matches no target fails now, not after level 0
             targets = select_targets(self.make_module(self.make_datamodule()), **self.targets_args)
             layer_fraction_map(list(targets), self.params["layer_fractions"], "lottery.layer_fractions")
+        if _rank0():  # claim the folder only once the settings are known to work
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "lottery.json").write_text(json.dumps(self.params, indent=2))
+        try:
+            return self._levels()
+        except SparsityConfigError:  # rejected at a level's fit start: a new folder with no level done is not kept
+            if fresh and _rank0() and not any(self.out.glob("level_*/result.json")):
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+
+    def _levels(self) -> list[dict]:
         results = []
         for level in range(0 if self.control == "none" else 1, self.levels + 1):
             folder = self.out / f"level_{level:02d}"
@@ -235,9 +245,9 @@ class Lottery:
             save_last=True,
             save_top_k=1 if self.monitor else 0,
         )
-        callbacks = [_LevelStart(sparsity, weights, fresh=masks is not None, fresh_optimizer=fresh_optimizer), sparsity, best]
+        callbacks = [LevelStart(sparsity, weights, fresh=masks is not None, fresh_optimizer=fresh_optimizer), sparsity, best]
         if level == 0:
-            callbacks.append(_SaveRewindPoint(p["rewind"], rewind))
+            callbacks.append(SaveRewindPoint(p["rewind"], rewind))
         trainer = self.make_trainer(folder, callbacks)
         with warnings.catch_warnings():  # _LevelStart restores the data position that this warns about
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before")
@@ -315,9 +325,6 @@ class Lottery:
                     + "; ".join(f"{k}: was {old.get(k)!r}, now {self.params.get(k)!r}" for k in diff)
                     + ". Use another lottery.dir (or lottery.name), or delete the folder to start over"
                 )
-        if _rank0():
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "lottery.json").write_text(json.dumps(self.params, indent=2))
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -334,95 +341,6 @@ def _rank0() -> bool:
 
 def _state(folder: Path) -> dict:
     return torch.load(folder / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-
-
-class _SaveRewindPoint(Callback):
-    """Level 0: write the full training state right after optimizer step ``k`` (``k = 0``: at train start)."""
-
-    def __init__(self, rewind, path: Path):
-        self.rewind, self.path, self.step, self.saved = rewind, Path(path), None, False
-
-    def on_fit_start(self, trainer, pl_module):
-        total = trainer.estimated_stepping_batches
-        self.step = resolve_step(self.rewind, total if math.isfinite(total) else None, "lottery.rewind")
-        if self.step >= total:
-            raise SparsityConfigError(
-                f"lottery.rewind={self.rewind!r} is step {self.step}, but training has only {int(total)} optimizer "
-                f"steps; allowed: an int in [0, {int(total)}) or a float fraction of training in [0, 1)"
-            )
-
-    def on_train_start(self, trainer, pl_module):
-        if self.step == trainer.global_step == 0:
-            self._save(trainer)
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == self.step and not self.saved:
-            self._save(trainer)
-
-    def _save(self, trainer):
-        tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp)  # every rank calls it (it has a barrier); rank 0 writes
-        if trainer.is_global_zero:
-            ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
-            ckpt["callbacks"] = {}  # no masks, no best-checkpoint bookkeeping: each level brings its own
-            torch.save(ckpt, tmp)
-            os.replace(tmp, self.path)
-        self.saved = True
-
-
-class _LevelStart(Callback):
-    """Before a level trains: load LR-rewinding weights, zero the optimizer state of pruned weights,
-    and skip the batches of the current epoch that the restored checkpoint had already trained on."""
-
-    def __init__(self, sparsity: SparsityCallback, weights: dict | None, fresh: bool, fresh_optimizer: bool = False):
-        self.sparsity, self.weights, self.fresh, self.fresh_optimizer = sparsity, weights, fresh, fresh_optimizer
-
-    def on_fit_start(self, trainer, pl_module):  # after the checkpoint's weights, before the masks are applied
-        if self.weights is not None:
-            pl_module.load_state_dict(self.weights)
-
-    def on_train_start(self, trainer, pl_module):  # after the optimizer and loop state are restored
-        if self.fresh_optimizer:  # OpenLTH: a new optimizer per level (LR schedule and step stay at k)
-            for optimizer in trainer.optimizers:
-                optimizer.state.clear()
-        if self.fresh and self.sparsity.masks is not None:
-            for optimizer in trainer.optimizers:
-                reset_optimizer_state_(optimizer, self.sparsity.targets.values(), self.sparsity.masks.values())
-        if trainer.global_step == 0 or not math.isfinite(trainer.num_training_batches):
-            return
-        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
-        done = (trainer.global_step - trainer.current_epoch * per_epoch) * trainer.accumulate_grad_batches
-        loader = trainer.train_dataloader
-        batches = getattr(loader, "batch_sampler", None)
-        if not hasattr(batches, "sampler"):
-            warnings.warn(
-                "cannot restore the data position of the rewind point: the train loader has no batch "
-                "sampler; the resumed epoch restarts from its first batch",
-                stacklevel=2,
-            )
-            return
-        # Lightning starts the loader's iterator before it sets the sampler's epoch; with worker processes
-        # they have already drawn indices, so set the epoch and restart them (the order is seed + epoch)
-        if hasattr(batches.sampler, "set_epoch"):
-            batches.sampler.set_epoch(trainer.current_epoch)
-        batches.sampler = _SkipFirst(batches.sampler, max(done, 0) * batches.batch_size)
-        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
-        if getattr(loader, "num_workers", 0) and fetcher is not None:
-            iter(fetcher)
-
-
-class _SkipFirst(torch.utils.data.Sampler):
-    """Wraps a sampler; its next iteration (only) skips the first ``n`` indices."""
-
-    def __init__(self, sampler, n: int):
-        self.sampler, self.n = sampler, n
-
-    def __len__(self):
-        return len(self.sampler)
-
-    def __iter__(self):
-        n, self.n = self.n, 0
-        return itertools.islice(iter(self.sampler), n, None)
 
 
 # -------------------------------------------------------------------------- summary
@@ -457,23 +375,9 @@ def write_summary(root: Path) -> list[dict]:
         "| " + " | ".join("" if r[k] is None else fmt.get(k, "{}").format(r[k]) for k in COLUMNS) + " |" for r in rows
     ]
     (root / "summary.md").write_text("\n".join(lines) + "\n")
-    from matplotlib.figure import Figure
+    from sparsetrain.plot import accuracy_vs_density
 
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
-    for run in dict.fromkeys(r["run"] for r in rows):
-        pts = sorted((r["density"], r["test_acc"]) for r in rows if r["run"] == run and r["test_acc"] is not None)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=run)
-    ax.set(xscale="log", xlabel="density (prunable weights left)", ylabel="test accuracy (best-val ckpt)")
-    ticks = [t for t in (100, 50, 20, 10, 5, 2, 1, 0.5, 0.2, 0.1) if t >= 100 * min([r["density"] for r in rows] or [1])]
-    ax.set_xticks([t / 100 for t in ticks], [f"{t:g} %" for t in ticks])
-    ax.minorticks_off()
-    ax.invert_xaxis()
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_vs_density.png", dpi=120)
+    accuracy_vs_density(rows, root / "accuracy_vs_density.png")
     return rows
 
 

@@ -10,7 +10,7 @@ from sparsetrain.methods.base import SparsityContext, SparsityMethod
 from sparsetrain.methods.dense import Dense
 from sparsetrain.methods.gmp import GMP
 from sparsetrain.methods.granet import GraNet
-from sparsetrain.methods.lottery import FixedMasks
+from sparsetrain.methods.fixed import FixedMasks
 from sparsetrain.methods.rigl import RigL
 from sparsetrain.methods.set import SET
 from sparsetrain.methods.static import Static
