@@ -170,6 +170,9 @@ class SparsityCallback(Callback):
         self.sampler = StochasticKernel(kernel)
         self._swap: ParameterSwap | None = None
         self._hooks: list = []  # forward pre-hooks, only while a training batch samples stochastic masks
+        self._batch: tuple[int, int] = (0, 0)  # (step, batch_idx) of the training batch that samples
+        self._forward = 0  # forwards sampled in that batch, minus one
+        self._seen: set[int] = set()  # target-owning modules that ran in the current forward
         self._reapply_every_step = True
         self.targets: dict[str, Tensor] = {}
         self.masks: Masks | None = None
@@ -295,7 +298,7 @@ class SparsityCallback(Callback):
             self._batch = (step, batch_idx)
             self._forward = 0
             self._sample(pl_module)
-            self._seen: set[int] = set()
+            self._seen = set()
             modules = {id(m): m for m, _, _ in self._swap.owners}
             self._hooks = [m.register_forward_pre_hook(self._on_target_forward) for m in modules.values()]
 
