@@ -26,8 +26,8 @@ import copy
 import csv
 import io
 import platform
-import statistics
 import time
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from sparsetrain.core import select_targets
-from sparsetrain.export import SparseLinear, load_compressed, save_compressed, to_sparse_inference
+from sparsetrain.export import SparseLinear, load_compressed, median_ms, save_compressed, to_sparse_inference
 
 RESULTS = Path(__file__).parent / "results"
 SIZE_SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98)
@@ -85,18 +85,7 @@ def pruned_copy(model: nn.Module, sparsity: float, linear_only: bool = False) ->
     return m
 
 
-def time_ms(fn, repeats: int, min_s: float = 5e-3) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    inner = max(1, int(min_s / max(time.perf_counter() - t0, 1e-7)))
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        runs.append((time.perf_counter() - t0) / inner)
-    return statistics.median(runs) * 1e3
+time_ms = partial(median_ms, min_s=5e-3)  # the library's timer, with longer inner loops
 
 
 def nbytes(obj, compressed: bool) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "is_n_m_sparse",
     "load_compressed",
     "make_permanent",
+    "median_ms",
     "n_m_mask",
     "pack_bits",
     "permanent_state_dict",
@@ -376,7 +377,7 @@ class SparseLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, density={density:.4f}"
 
 
-def _time_ms(fn: Callable[[], Any], repeats: int = 7, min_s: float = 2e-3) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int = 7, min_s: float = 2e-3) -> float:
     """Median milliseconds of one ``fn()`` over ``repeats`` runs (each looping long enough to time)."""
     fn()
     t0 = time.perf_counter()
@@ -487,8 +488,8 @@ def to_sparse_inference(
             if x is None:
                 x = torch.randn(batch_size, linear.in_features, dtype=linear.weight.dtype)
             with torch.inference_mode():
-                dense_ms = _time_ms(lambda f=linear, x=x: f(x), repeats)
-                sparse_ms = _time_ms(lambda f=sparse, x=x: f(x), repeats)
+                dense_ms = median_ms(lambda f=linear, x=x: f(x), repeats)
+                sparse_ms = median_ms(lambda f=sparse, x=x: f(x), repeats)
             replace = sparse_ms < dense_ms
             sparse.timing = {"dense_ms": dense_ms, "sparse_ms": sparse_ms}
         if replace:
