@@ -395,15 +395,16 @@ class SparsityCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
         self._remove_hooks()
-        if self._below_final(trainer) and self.finalize == "prune":
+        report = self._short_of_target()
+        if report is not None and self.finalize == "prune":
             new = self.method.final_masks(self._context())
             if new is not None:
                 self._final = True
                 self._set_masks(trainer, new, self.step, reset_state=True)
                 self._log(trainer, self.step)
+                report = self._short_of_target()
                 rank_zero_info(f"SparsityCallback(finalize='prune'): pruned to {self.sparsity_report().global_sparsity:.2%}")
-        if self._below_final(trainer):
-            report = self.sparsity_report()
+        if report is not None:
             rank_zero_warn(
                 f"SparsityCallback: training ended after step {self.step} of {self._total_steps or 'an unknown number of'} "
                 f"optimizer steps at {report.global_sparsity:.2%} sparsity, below the {self.method.sparsity:.2%} that "
@@ -411,11 +412,12 @@ class SparsityCallback(Callback):
                 "Train longer or resume, or pass finalize='prune' to prune to the target at the end of fit."
             )
 
-    def _below_final(self, trainer: pl.Trainer) -> bool:
+    def _short_of_target(self) -> SparsityReport | None:
+        """The targets' report when they hold fewer zeros than the method's final sparsity, else ``None``."""
         if self.masks is None or not self.targets:
-            return False
+            return None
         report = self.sparsity_report()
-        return report.zeros < report.numel - round((1.0 - self.method.sparsity) * report.numel)
+        return report if report.zeros < report.numel - round((1.0 - self.method.sparsity) * report.numel) else None
 
     def _schedule_end(self):
         steps = self.method._steps
@@ -492,9 +494,10 @@ class SparsityCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
         self._remove_hooks()
-        if isinstance(exception, KeyboardInterrupt) and self._below_final(trainer):
+        report = self._short_of_target() if isinstance(exception, KeyboardInterrupt) else None
+        if report is not None:
             rank_zero_warn(
-                f"SparsityCallback: interrupted at step {self.step} at {self.sparsity_report().global_sparsity:.2%} "
+                f"SparsityCallback: interrupted at step {self.step} at {report.global_sparsity:.2%} "
                 f"sparsity, below the target {self.method.sparsity:.2%}; resume from a checkpoint to finish the schedule"
             )
 
