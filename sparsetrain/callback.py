@@ -18,7 +18,7 @@ from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
-from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed
+from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
 from sparsetrain.core.targets import select_targets
 from sparsetrain.core.validation import check_choice, check_int
 from sparsetrain.methods import method_from_name
@@ -67,7 +67,10 @@ class SparsityCallback(Callback):
     ``w * mask`` the same way. Optimizer state is reset only when masks become hard: at the
     method's last update the excluded weights and their state are zeroed, and from then on the
     masks are hard as for every other method. Outside a batch the model holds its parameters:
-    state-dict keys, ``deepcopy`` and pickling are unaffected.
+    state-dict keys, ``deepcopy`` and pickling are unaffected. Straight-through methods
+    (:class:`~sparsetrain.methods.SRSTE`) use the same swaps with ``w * mask`` and a gradient that
+    reaches the dense ``w`` unmasked; before every optimizer step the method may add its term to
+    the gradients (SR-STE's decay of the pruned weights).
 
     Sparsity counted from the weights (``sparsity/global``, ``sparsity/layer/<name>``) and the
     method's target (``sparsity/target``) go to the Trainer's loggers after every update and
@@ -305,6 +308,9 @@ class SparsityCallback(Callback):
     def _sample(self, pl_module: pl.LightningModule) -> None:
         """Swap freshly sampled masked weights in: forward ``f`` of batch ``b`` at step ``t`` draws from
         ``derive_seed(seed, t, b)`` (``f = 0``) or ``derive_seed(seed, t, b, f)``."""
+        if self.method.straight_through:  # SR-STE: w * mask, the gradient passes to the dense w
+            self._swap_in(pl_module, straight_through_masked(self.targets.values(), self.masks.values()))
+            return
         step, batch_idx = self._batch
         base, scale = self.method.forward_probabilities(self._context(), step)
         seed = derive_seed(self._seed, step, batch_idx, *([self._forward] if self._forward else []))
@@ -350,7 +356,10 @@ class SparsityCallback(Callback):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
-        elif not self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
+        elif self._stochastic(trainer.global_step):  # sampled weights learn: their gradients stay
+            named = [(n, p) for n, p in self.targets.items() if n in names and p.grad is not None]
+            self.method.regularize_([p.detach() for _, p in named], [p.grad for _, p in named], [self.masks[n] for n, _ in named])
+        else:
             pairs = [(p.grad, self.masks[n]) for n, p in self.targets.items() if n in names]
             self.kernel([g for g, _ in pairs], [m for _, m in pairs])
 
@@ -417,7 +426,8 @@ class SparsityCallback(Callback):
         if self.masks is None or not self.targets:
             return None
         report = self.sparsity_report()
-        return report if report.zeros < report.numel - round((1.0 - self.method.sparsity) * report.numel) else None
+        kept = self.method.final_kept({n: tuple(p.shape) for n, p in self.targets.items()})
+        return report if report.numel - report.zeros > kept else None
 
     def _schedule_end(self):
         steps = self.method._steps
@@ -642,6 +652,9 @@ class SparsityCallback(Callback):
                 f"{list(self.targets)[:4]}...; resume with the same model and include/exclude settings"
             )
         saved, now = state.get("config") or {}, self._config()  # checkpoints before 0.2 hold no config
+        if saved:  # an argument newer than the checkpoint: the checkpoint ran with its default
+            name = type(self.method).__name__
+            saved = {**{f"{name}.{k}": _plain(v) for k, v in self.method.defaults().items() if f"{name}.{k}" in now}, **saved}
         changed = [k for k in {**saved, **now} if saved and saved.get(k) != now.get(k)]
         if changed:
             changes = "; ".join(f"{k}: was {saved.get(k)!r}, now {now.get(k)!r}" for k in changed)

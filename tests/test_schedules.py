@@ -91,7 +91,8 @@ def test_budget_checks_at_construction_and_on_shapes():
 def test_hparams_are_the_arguments_under_the_names_the_user_wrote():
     assert GMP(0.8, start=2, end=0.5, every=3, overrides={"x": 0.5}).hparams() == dict(
         sparsity=0.8, initial_sparsity=0.0, start=2, end=0.5, every=3, distribution="uniform",
-        schedule="cubic", power=1.0, overrides={"x": 0.5}, overrides_mode="exact",
+        schedule="cubic", power=1.0, overrides={"x": 0.5}, overrides_mode="exact", structure=None,
+        structure_schedule="final", indivisible="dense",
     )
     assert GraNet(regrowth_end=0.9).hparams()["regrowth_end"] == 0.9
     assert repr(RigL(0.9, every=10)).startswith("RigL(sparsity=0.9, distribution='erk', every=10, drop_fraction=0.3, end=0.75")

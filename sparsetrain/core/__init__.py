@@ -12,6 +12,7 @@ from sparsetrain.core.masks import (
     reset_optimizer_state_,
     topk_masks,
 )
+from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.schedules import cosine_decay, is_update_step, resolve_step, scheduled_sparsity
 from sparsetrain.core.targets import select_targets
@@ -19,6 +20,7 @@ from sparsetrain.core.targets import select_targets
 __all__ = [
     "DISTRIBUTIONS",
     "Masks",
+    "NMStructure",
     "SparsityConfigError",
     "SparsityReport",
     "apply_masks_",

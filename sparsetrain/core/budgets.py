@@ -13,21 +13,31 @@ fixed budget per layer: one magnitude threshold over all targets decides (see
 
 Counts are exact integers: the total kept count is ``round((1 - s) * sum N_l)`` and each
 layer is within one weight of its real-valued share (largest-remainder rounding).
+
+``structure="N:M"`` (see :mod:`sparsetrain.core.nm`): every layer whose input size is a multiple
+of ``M`` keeps exactly ``N`` of every ``M`` weights at the final sparsity ``1 - N/M`` (and at
+least ``N`` per group below it, for gradual pruning). Layers that cannot hold the structure
+(``indivisible``) stay ``dense``, are pruned ``unstructured`` at the same sparsity, or make the
+check fail (``error``); layers named in ``overrides`` leave the structure and keep their own
+sparsity. The distribution is ``uniform`` (N:M fixes every layer's count).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
 LAYER_DISTRIBUTIONS = ("uniform", "erk", "er")  # a fixed count per layer (what RigL, SET and Static need)
 OVERRIDES_MODES = ("exact", "outside")  # the rest share what is left (global sparsity exact) | overrides leave the budget
+INDIVISIBLE = ("dense", "unstructured", "error")  # N:M: layers whose input size is not a multiple of M
 
 
 def check_distribution(distribution: str, allowed: tuple[str, ...] = DISTRIBUTIONS) -> str:
@@ -172,8 +182,11 @@ class Budget:
     the ERK exponent (1 = ERK, 0 = uniform); ``overrides``: globs on target names mapped to a fixed
     per-layer sparsity; ``overrides_mode``: ``exact`` (the other layers share what is left, so the
     global sparsity is exact) or ``outside`` (rigl's convention: overridden layers leave the
-    budget, the others are solved at ``sparsity`` among themselves). Values are checked at construction; :meth:`check` runs the arithmetic on
-    the real target shapes at fit start, so a budget that cannot be met fails before training.
+    budget, the others are solved at ``sparsity`` among themselves). ``structure``: ``None``
+    (unstructured) or ``"N:M"``, with ``indivisible`` (``dense``, ``unstructured`` or ``error``) for
+    the layers that cannot hold it (module docstring). Values are checked at construction;
+    :meth:`check` runs the arithmetic on the real target shapes at fit start, so a budget that
+    cannot be met fails before training.
 
     Example::
 
@@ -185,23 +198,98 @@ class Budget:
     power: float = 1.0
     overrides: dict[str, float] = field(default_factory=dict)
     overrides_mode: str = "exact"
+    structure: str | None = None
+    indivisible: str = "dense"
     allowed: tuple[str, ...] = field(default=DISTRIBUTIONS, compare=False, repr=False)
 
     def __post_init__(self):
         check_distribution(self.distribution, self.allowed)
         check_choice(self.overrides_mode, "overrides_mode", OVERRIDES_MODES)
+        check_choice(self.indivisible, "indivisible", INDIVISIBLE)
         object.__setattr__(self, "power", check_number(self.power, "power", meaning="ERK exponent: 1 = ERK, 0 = uniform"))
         object.__setattr__(self, "overrides", check_globs(self.overrides, "overrides"))
+        nm = NMStructure.parse(self.structure)
+        object.__setattr__(self, "structure", None if nm is None else str(nm))
+        if nm is not None and self.distribution != "uniform":
+            raise SparsityConfigError(
+                f"distribution={self.distribution!r} cannot be combined with structure={self.structure!r}: an N:M layer "
+                f"keeps exactly {nm.n} of every {nm.m} weights, so every such layer is {nm.sparsity:.0%} sparse; "
+                "use distribution='uniform' (overrides still give single layers their own sparsity)"
+            )
+
+    @property
+    def nm(self) -> NMStructure | None:
+        return NMStructure.parse(self.structure)
 
     def with_overrides(self, overrides: Mapping[str, float]) -> Budget:
         return replace(self, overrides=dict(overrides))
 
+    def check_final(self, sparsity: float, key: str = "sparsity") -> float:
+        """With a structure, the final sparsity must be the structure's ``1 - N/M``."""
+        nm = self.nm
+        if nm is not None and abs(sparsity - nm.sparsity) > 1e-9:
+            raise SparsityConfigError(
+                f"{key}={sparsity} does not match structure={self.structure!r}, which keeps {nm.n} of every {nm.m} "
+                f"weights: set {key}={nm.sparsity:g}"
+            )
+        return sparsity
+
+    def split(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
+        """``(structured, indivisible, overridden)`` target names; all unstructured without a structure."""
+        nm = self.nm
+        overridden = list(resolve_overrides(list(shapes), self.overrides)) if self.overrides else []
+        if nm is None:
+            return [], [], overridden
+        rest = [n for n in shapes if n not in overridden]
+        return [n for n in rest if nm.fits(shapes[n])], [n for n in rest if not nm.fits(shapes[n])], overridden
+
+    def _unstructured(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        """The targets a structured budget prunes without structure: overridden, and indivisible ones if so chosen."""
+        _, indivisible, overridden = self.split(shapes)
+        names = set(overridden) | (set(indivisible) if self.indivisible == "unstructured" else set())
+        return {n: s for n, s in shapes.items() if n in names}
+
     def counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, int]:
         """Kept weights per layer (``uniform``, ``erk``, ``er``)."""
-        return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
+        if self.nm is None:
+            return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
+        counts = {n: math.prod(s) for n, s in shapes.items()}  # structured: (1 - s) of each; indivisible dense: all
+        structured, _, _ = self.split(shapes)
+        counts.update({n: round((1.0 - sparsity) * counts[n]) for n in structured})
+        loose = self._unstructured(shapes)
+        if loose:
+            counts.update(layer_counts(loose, sparsity, "uniform", 1.0, self.overrides, "outside"))
+        return counts
+
+    def kept(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> int:
+        """How many weights all targets keep in total at ``sparsity``."""
+        if self.distribution == "global":
+            fixed, keep = global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
+            return keep + sum(fixed.values())
+        return sum(self.counts(shapes, sparsity).values())
 
     def check(self, shapes: Mapping[str, tuple[int, ...]], *sparsities: float) -> None:
-        """Raise now if any of ``sparsities`` cannot be met on targets of these shapes."""
+        """Raise now if any of ``sparsities`` cannot be met on targets of these shapes.
+
+        With a structure, warn once about the layers that cannot hold it (or raise for ``indivisible="error"``).
+        """
+        nm = self.nm
+        if nm is not None:
+            _, indivisible, _ = self.split(shapes)
+            if indivisible:
+                listed = ", ".join(f"{n} {tuple(shapes[n])}" for n in indivisible[:6]) + (", ..." if len(indivisible) > 6 else "")
+                if self.indivisible == "error":
+                    raise SparsityConfigError(
+                        f"structure={self.structure!r}: {len(indivisible)} targets have an input size (in * kernel) that is not "
+                        f"a multiple of {nm.m}: {listed}. Allowed: indivisible='dense' (keep them dense), 'unstructured' "
+                        "(prune them without structure), or exclude them from the targets"
+                    )
+                warnings.warn(
+                    f"structure={self.structure!r}: {len(indivisible)} targets cannot hold it (input size not a multiple of "
+                    f"{nm.m}) and are {'kept dense' if self.indivisible == 'dense' else 'pruned unstructured'} "
+                    f"(indivisible={self.indivisible!r}): {listed}",
+                    stacklevel=2,
+                )
         for sparsity in sparsities:
             if self.distribution == "global":
                 global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
@@ -209,7 +297,21 @@ class Budget:
                 self.counts(shapes, sparsity)
 
     def masks(self, scores, sparsity: float):
-        """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`)."""
-        from sparsetrain.core.masks import budget_masks  # masks.py builds on this module
+        """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`).
 
-        return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
+        Structured layers keep the ``N`` highest of every group at ``sparsity = 1 - N/M``; below it,
+        their top ``round((1 - sparsity) * numel)`` with the ``N`` highest of every group first.
+        """
+        from sparsetrain.core.masks import budget_masks, topk_masks  # masks.py builds on this module
+
+        nm = self.nm
+        if nm is None:
+            return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
+        shapes = {n: tuple(s.shape) for n, s in scores.items()}
+        structured, _, _ = self.split(shapes)
+        counts = self.counts(shapes, sparsity)
+        final = sparsity >= nm.sparsity - 1e-9
+        out = {n: nm.mask(scores[n]) if final else None for n in structured}
+        out.update(topk_masks({n: nm.protect(scores[n]) for n in structured if out[n] is None}, counts))
+        out.update(topk_masks({n: s for n, s in scores.items() if n not in out}, counts))
+        return {n: out[n] for n in scores}

@@ -22,6 +22,11 @@ added. Non-finite scores (NaN, inf) are the least important: such a weight is dr
 every finite one, and a position whose grow score is non-finite is grown only when too few
 finite candidates are left.
 
+With ``group_size=M`` (N:M masks, see :mod:`sparsetrain.core.nm`) the drop is the same, but
+the growth refills every group of ``M`` consecutive positions to the count it had before the
+drop, with the largest ``|grow_scores|`` of that group: every group keeps its count (``N``), and
+the layer still moves ``k`` positions.
+
 Example::
 
     >>> mask = torch.tensor([True, True, False, False])
@@ -61,6 +66,19 @@ def _grow_(out: Tensor, scores: Tensor, k: int) -> None:
         out.scatter_(0, torch.topk(candidates, k, sorted=False).indices, True)
 
 
+def _refill_groups_(out: Tensor, before: Tensor, scores: Tensor, group_size: int) -> None:
+    """In the flat mask ``out``, grow in every group of ``group_size`` as many positions as it lost
+    against ``before``, those of largest ``|scores|`` among the group's inactive ones."""
+    groups, was = out.view(-1, group_size), before.view(-1, group_size)
+    missing = was.sum(1) - groups.sum(1)
+    if not bool(missing.any()):
+        return
+    candidates = scores.reshape(-1, group_size).abs().float().nan_to_num(nan=-1.0, posinf=-1.0).masked_fill_(groups, float("-inf"))
+    order = candidates.argsort(dim=1, descending=True, stable=True)
+    take = torch.arange(group_size, device=out.device) < missing.unsqueeze(1)
+    groups |= torch.zeros_like(groups).scatter_(1, order, take)
+
+
 def drop_smallest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     """``mask`` without its ``k`` active positions of smallest ``|scores|`` (a new tensor)."""
     out = mask.reshape(-1).clone()
@@ -75,12 +93,15 @@ def grow_largest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     return out.view(mask.shape)
 
 
-def drop_and_grow(mask: Tensor, drop_scores: Tensor, grow_scores: Tensor, k: int | Callable[[int], int]) -> Tensor:
+def drop_and_grow(
+    mask: Tensor, drop_scores: Tensor, grow_scores: Tensor, k: int | Callable[[int], int], group_size: int | None = None
+) -> Tensor:
     """Drop ``k`` active positions of smallest ``|drop_scores|``, grow ``k`` of largest ``|grow_scores|``.
 
     ``k`` is an int or a function of the number of active positions (e.g.
     ``lambda n: drop_count(n, 0.3)``). Returns a new mask with as many active positions as
-    ``mask``; the inputs are not modified.
+    ``mask``; the inputs are not modified. ``group_size``: grow inside each group of that many
+    consecutive positions (of ``mask.reshape(-1)``) as many as the drop took out of it.
     """
     out = mask.reshape(-1).clone()
     active = out.nonzero().squeeze(1)
@@ -88,5 +109,8 @@ def drop_and_grow(mask: Tensor, drop_scores: Tensor, grow_scores: Tensor, k: int
     if not 0 <= k <= active.numel():
         raise ValueError(f"k={k} must lie in [0, {active.numel()}] (the number of active positions)")
     _drop_(out, active, drop_scores, k)
-    _grow_(out, grow_scores, k)
+    if group_size is None:
+        _grow_(out, grow_scores, k)
+    else:
+        _refill_groups_(out, mask.reshape(-1), grow_scores, group_size)
     return out.view(mask.shape)

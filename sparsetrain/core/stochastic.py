@@ -217,3 +217,25 @@ class ParameterSwap:
             for module, attr, i in self.owners:
                 module._parameters[attr] = self.params[i]
             self.active = False
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """``w * mask`` forward; the gradient passes to ``w`` unmasked (the straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, mask: Tensor) -> Tensor:
+        return weight * mask.view(torch.uint8)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def straight_through_masked(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> list[Tensor]:
+    """``w * mask`` per target, whose gradient reaches the dense ``w`` unmasked (SR-STE's forward).
+
+    The masked weight is exact (``w`` or ``0``); autograd gives ``w`` the gradient of the masked
+    weight at every position, pruned ones included, so a pruned weight keeps learning and can
+    win its place back when the mask is recomputed from ``|w|``.
+    """
+    return [_StraightThroughMask.apply(w, m) for w, m in zip(weights, masks)]

@@ -13,6 +13,7 @@ from sparsetrain.methods.granet import GraNet
 from sparsetrain.methods.fixed import FixedMasks
 from sparsetrain.methods.rigl import RigL
 from sparsetrain.methods.set import SET
+from sparsetrain.methods.srste import SRSTE
 from sparsetrain.methods.static import Static
 
 METHODS: dict[str, type[SparsityMethod]] = {
@@ -23,6 +24,7 @@ METHODS: dict[str, type[SparsityMethod]] = {
     "set": SET,
     "granet": GraNet,
     "annealing": StochasticAnnealing,
+    "srste": SRSTE,
     "fixed": FixedMasks,
 }
 
@@ -39,6 +41,6 @@ def method_from_name(name: str, **args) -> SparsityMethod:
 
 
 __all__ = [
-    "METHODS", "SET", "Dense", "FixedMasks", "GMP", "GraNet", "RigL", "SparsityContext", "SparsityMethod", "Static",
+    "METHODS", "SET", "Dense", "FixedMasks", "GMP", "GraNet", "RigL", "SRSTE", "SparsityContext", "SparsityMethod", "Static",
     "StochasticAnnealing", "method_from_name",
 ]

@@ -91,6 +91,8 @@ class StochasticAnnealing(SparsityMethod):
         rate: decay rate of ``exponential`` (> 0).
         start, end: first stochastic forward and the step at which the masks become hard; an
             int counts optimizer steps, a float in (0, 1] is a fraction of training.
+        structure, indivisible: an ``"N:M"`` target for ``magnitude`` / ``random`` (with
+            ``distribution="uniform"`` and ``sparsity = 1 - N/M``), as in :class:`Static`.
 
     Steps: the forward pass that leads to optimizer step ``t + 1`` runs at step ``t``
     (``trainer.global_step == t``) and uses ``p(t)``; so the first stochastic forward uses
@@ -119,6 +121,8 @@ class StochasticAnnealing(SparsityMethod):
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
         overrides_mode: str = "exact",
+        structure: str | None = None,
+        indivisible: str = "dense",
     ):
         self.target = check_choice(target, "target", TARGETS)
         self.probabilities = check_choice(probabilities, "probabilities", PROBABILITIES)
@@ -150,7 +154,10 @@ class StochasticAnnealing(SparsityMethod):
                 raise SparsityConfigError(f"sparsity is required with target={target!r} (a number in [0, 1))")
         self.sparsity = check_sparsity(sparsity)
         self.masks = str(masks) if isinstance(masks, (str, Path)) else (None if masks is None else "<dict>")
-        self.budget = Budget(distribution, power, overrides, overrides_mode)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible)
+        if structure is not None and target == "from_checkpoint":
+            raise SparsityConfigError("structure= is for target='magnitude' or 'random'; with target='from_checkpoint' the masks decide")
+        self.budget.check_final(self.sparsity)
         self._base: dict[str, Tensor] | None = None  # b_i per target, set at `start`
 
     # ------------------------------------------------------------ schedule

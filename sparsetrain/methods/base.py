@@ -15,6 +15,7 @@ only its math: what to drop, what to grow, how many.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,9 +116,23 @@ class SparsityMethod:
         """
         raise TypeError(f"{type(self).__name__} has no stochastic masks (its stochastic() is never true)")
 
+    #: while the masks are soft (:meth:`stochastic`), forwards see ``w * mask`` with a straight-through
+    #: gradient (the dense weight gets the gradient of the masked one: SR-STE) instead of sampled masks
+    straight_through: bool = False
+
+    def regularize_(self, weights: list[Tensor], grads: list[Tensor], masks: list[Tensor]) -> None:
+        """Change the gradients in place before an optimizer step while the masks are soft (SR-STE's decay)."""
+
     def target_sparsity(self, step: int) -> float:
         """The sparsity the method aims at after step ``step`` (reported next to the measured one)."""
         return self.sparsity
+
+    def final_kept(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """How many weights the targets keep once the schedule is done (the budget's count, which an
+        N:M structure with dense indivisible layers or ``overrides_mode="outside"`` moves off ``1 - sparsity``)."""
+        if self.budget is not None and self.budget.distribution != "global":
+            return self.budget.kept(shapes, self.sparsity)
+        return round((1.0 - self.sparsity) * sum(math.prod(s) for s in shapes.values()))
 
     def uses_fractions(self) -> bool:
         """Whether a step of the configuration is a fraction of training (needs its length)."""
@@ -138,12 +153,18 @@ class SparsityMethod:
             elif isinstance(value, Budget):
                 found.update(
                     distribution=value.distribution, power=value.power, overrides=dict(value.overrides),
-                    overrides_mode=value.overrides_mode,
+                    overrides_mode=value.overrides_mode, structure=value.structure, indivisible=value.indivisible,
                 )
             elif key != "last_metrics":
                 found[key] = value
         names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
         return {n: found[n] for n in names if n in found}
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """The constructor's default values (what a checkpoint from before an argument existed ran with)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     def state_dict(self) -> dict:
         return {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 
@@ -12,6 +13,8 @@ from sparsetrain.core.masks import Masks, magnitude_scores
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, scheduled_sparsity
 from sparsetrain.core.validation import check_choice, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
+
+STRUCTURE_SCHEDULES = ("final", "groups")
 
 
 class GMP(SparsityMethod):
@@ -41,10 +44,22 @@ class GMP(SparsityMethod):
         overrides_mode: ``exact`` (the other layers share what is left: the global sparsity is
             exact) or ``outside`` (overridden layers leave the budget, as rigl's
             ``custom_sparsity_map``; see :class:`~sparsetrain.core.budgets.Budget`).
+        structure: ``None`` (unstructured) or ``"N:M"`` (with ``distribution="uniform"`` and
+            ``sparsity = 1 - N/M``): pruning ends with exactly ``N`` of every ``M`` weights along
+            the input dim (:mod:`sparsetrain.core.nm`).
+        structure_schedule: how an N:M run gets there. ``final`` (default): unstructured
+            magnitude pruning on the schedule in which every group keeps at least its ``N``
+            largest weights, so the last update leaves exactly ``N`` per group. ``groups``: every
+            update leaves the same count ``N_t`` in every group, ``N_t = round(M (1 - s_t))``
+            clipped to ``[N, M]`` (e.g. 4:4 -> 3:4 -> 2:4), and the target sparsity moves in
+            steps of ``1/M``.
+        indivisible: what layers that cannot hold the structure get: ``dense``, ``unstructured``
+            (pruned on the schedule without structure) or ``error``.
 
     Example::
 
         SparsityCallback(GMP(sparsity=0.9, start=0.1, end=0.7, every=50))
+        SparsityCallback(GMP(sparsity=0.5, structure="2:4"))  # 2:4 at the end
     """
 
     def __init__(
@@ -59,6 +74,9 @@ class GMP(SparsityMethod):
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
         overrides_mode: str = "exact",
+        structure: str | None = None,
+        structure_schedule: str = "final",
+        indivisible: str = "dense",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -69,7 +87,9 @@ class GMP(SparsityMethod):
             )
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
         self.updates = UpdateSchedule(start, end, every)
-        self.budget = Budget(distribution, power, overrides, overrides_mode)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible)
+        self.budget.check_final(self.sparsity)
+        self.structure_schedule = check_choice(structure_schedule, "structure_schedule", STRUCTURE_SCHEDULES)
 
     def check(self, shapes) -> None:
         for step in (0, self._steps.end):  # the budget moves linearly in between: the two ends decide
@@ -79,13 +99,24 @@ class GMP(SparsityMethod):
         if self._steps is None:
             return self.initial_sparsity
         s = self._steps
-        return scheduled_sparsity(step, self.initial_sparsity, self.sparsity, s.start, s.end, self.schedule)
+        value = scheduled_sparsity(step, self.initial_sparsity, self.sparsity, s.start, s.end, self.schedule)
+        nm = self.budget.nm
+        if nm is not None and self.structure_schedule == "groups":  # N_t of every M: steps of 1/M
+            return 1.0 - min(nm.m, max(nm.n, round(nm.m * (1.0 - value)))) / nm.m
+        return value
 
     def _budget_at(self, step: int) -> Budget:
-        """Overrides follow the same schedule as the global value: scaled by its progress."""
+        """Overrides follow the same schedule as the global value: scaled by its progress; ``groups``:
+        the structure of the step (``N_t:M``, none while ``N_t = M``)."""
         span = self.sparsity - self.initial_sparsity
-        progress = 1.0 if span == 0 else (self.target_sparsity(step) - self.initial_sparsity) / span
-        return self.budget.with_overrides({g: min(s, s * progress) for g, s in self.budget.overrides.items()})
+        sparsity = self.target_sparsity(step)
+        progress = 1.0 if span == 0 else (sparsity - self.initial_sparsity) / span
+        budget = self.budget.with_overrides({g: min(s, s * progress) for g, s in self.budget.overrides.items()})
+        nm = budget.nm
+        if nm is not None and self.structure_schedule == "groups":
+            n_t = round(nm.m * (1.0 - sparsity))
+            budget = replace(budget, structure=f"{n_t}:{nm.m}" if n_t < nm.m else None)
+        return budget
 
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)

@@ -58,6 +58,7 @@ class GraNet(SparsityMethod):
         schedule: ``cubic`` (default), ``linear`` or ``constant``.
         pruning: ``global`` (one magnitude threshold, default) or ``layerwise`` (GraNet_uniform).
         regrowth_floor: ``r_min`` in [0, regrowth_fraction]: the regrowth fraction never decays below it.
+        structure: only ``None`` (unstructured); an N:M value fails with the methods that have it.
 
     The reference code zeroes globally pruned weights before regrowth, so one pruned and
     regrown in the same update restarts at 0; here it keeps its value like a dropped one (the
@@ -86,7 +87,13 @@ class GraNet(SparsityMethod):
         schedule: str = "cubic",
         pruning: str = "global",
         regrowth_floor: float = 0.0,
+        structure: str | None = None,
     ):
+        if structure not in (None, "unstructured"):
+            raise SparsityConfigError(
+                f"structure={structure!r}: GraNet has no N:M option (its global threshold moves weights between layers, "
+                "which N:M forbids); allowed: None. For N:M use GMP, RigL, SET, Static, SRSTE or the lottery app"
+            )
         self.sparsity = check_sparsity(sparsity)
         self.initial_density = check_number(initial_density, "initial_density", 0.0, 1.0, low_open=True)
         if 1 - initial_density > self.sparsity + 1e-12:

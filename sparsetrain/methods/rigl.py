@@ -76,6 +76,12 @@ class RigL(SparsityMethod):
             {"conv1.weight": 0.0}, overrides_mode="outside"``), see :class:`~sparsetrain.core.budgets.Budget`.
         start: updates begin here (default 0: the first update is at ``every``).
         skip_optimizer_step: skip the optimizer step on update steps (TF reference); default False.
+        structure: ``None`` (unstructured) or ``"N:M"`` (with ``distribution="uniform"`` and
+            ``sparsity = 1 - N/M``): the initial mask keeps ``N`` of every ``M`` along the input
+            dim, and each update regrows inside the groups it dropped from, as many as it dropped
+            there, so every group always keeps ``N`` (:mod:`sparsetrain.core.regrowth`).
+        indivisible: what layers that cannot hold the structure get: ``dense``, ``unstructured``
+            (ordinary drop and grow) or ``error``.
 
     Logged at each update: ``rigl/drop_fraction`` (``f_t``) and ``rigl/regrown`` (sum of ``k``
     over layers; weights dropped and regrown in the same update count too; the callback's
@@ -103,6 +109,8 @@ class RigL(SparsityMethod):
         start: int | float = 0,
         skip_optimizer_step: bool = False,
         overrides_mode: str = "exact",
+        structure: str | None = None,
+        indivisible: str = "dense",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.drop_fraction = check_number(drop_fraction, "drop_fraction", 0.0, 1.0, low_open=True)
@@ -110,7 +118,8 @@ class RigL(SparsityMethod):
         self.init = check_choice(init, "init", INITS)
         self.updates = UpdateSchedule(start, end, every, land_on_end=False)
         self.skip_optimizer_step = check_bool(skip_optimizer_step, "skip_optimizer_step")
-        self.budget = Budget(distribution, power, overrides, overrides_mode, allowed=LAYER_DISTRIBUTIONS)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, allowed=LAYER_DISTRIBUTIONS)
+        self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         scores = random_scores(ctx.params, ctx.generator) if self.init == "random" else magnitude_scores(ctx.params)
@@ -154,9 +163,12 @@ class RigL(SparsityMethod):
             return counts[-1]
 
         new = dict(ctx.masks)
+        structured = set(self.budget.split({n: tuple(p.shape) for n, p in ctx.params.items()})[0])
+        group_size = self.budget.nm.m if structured else None
         if fraction > 0:
             for name, mask in ctx.masks.items():
                 if self.moves(ctx, name, grads):
-                    new[name] = drop_and_grow(mask, ctx.params[name], self.grow_scores(ctx, name, grads), k_of)
+                    grow = self.grow_scores(ctx, name, grads)
+                    new[name] = drop_and_grow(mask, ctx.params[name], grow, k_of, group_size if name in structured else None)
         self.last_metrics = {f"{self.prefix}/drop_fraction": fraction, f"{self.prefix}/regrown": float(sum(counts))}
         return new

@@ -16,11 +16,15 @@ class Static(SparsityMethod):
     Each layer keeps exactly the number of weights its budget gives (``erk``, ``er`` or
     ``uniform``, with per-layer ``overrides`` of the sparsity by glob), at positions drawn
     with the callback's seeded generator. The masks never change. ``overrides_mode`` as in
-    :class:`~sparsetrain.core.budgets.Budget`.
+    :class:`~sparsetrain.core.budgets.Budget`. ``structure="N:M"`` (with ``distribution="uniform"``
+    and ``sparsity = 1 - N/M``) draws ``N`` random positions in every group of ``M`` along the input
+    dim; ``indivisible`` says what layers that cannot hold it get (``dense``, ``unstructured`` or
+    ``error``, see :mod:`sparsetrain.core.nm`).
 
     Example::
 
         SparsityCallback(Static(sparsity=0.9, distribution="erk"))
+        SparsityCallback(Static(sparsity=0.5, distribution="uniform", structure="2:4"))
     """
 
     def __init__(
@@ -30,9 +34,12 @@ class Static(SparsityMethod):
         power: float = 1.0,
         overrides: Mapping[str, float] | None = None,
         overrides_mode: str = "exact",
+        structure: str | None = None,
+        indivisible: str = "dense",
     ):
         self.sparsity = check_sparsity(sparsity)
-        self.budget = Budget(distribution, power, overrides, overrides_mode, allowed=LAYER_DISTRIBUTIONS)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, allowed=LAYER_DISTRIBUTIONS)
+        self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         return self.budget.masks(random_scores(ctx.params, ctx.generator), self.sparsity)

@@ -1,0 +1,100 @@
+"""N:M structured sparsity: every group of ``M`` consecutive weights along the input dim keeps ``N``.
+
+Layout. A weight of shape ``(out, in, *kernel)`` is read as the matrix ``weight.reshape(out, -1)``
+(``in * kh * kw`` columns for a conv: the GEMM a convolution lowers to) and every row is cut into
+groups of ``M`` consecutive entries. For ``nn.Linear`` the groups run along ``in_features``, the
+layout that ``torch.sparse.to_sparse_semi_structured`` expects for 2:4. A layer fits ``N:M`` when
+its row length is a multiple of ``M``; then ``weight.reshape(-1, M)`` holds exactly its groups.
+
+Three operations, all per group and exact:
+
+* :meth:`NMStructure.mask`: keep the ``N`` highest scores of every group (static N:M, the final
+  mask of GMP/IMP, RigL's initial mask);
+* :meth:`NMStructure.protect`: give the ``N`` highest scores of every group ``+inf``, so that an
+  unstructured top-``k`` with ``k >= N/M * numel`` keeps them first (gradual pruning that ends
+  N:M: each group keeps at least ``N`` along the way and exactly ``N`` at ``1 - N/M``);
+* :func:`refill_groups` (in :mod:`sparsetrain.core.regrowth`): grow back, in each group, as many
+  positions as the drop took out of it (RigL/SET: every group keeps its count).
+
+Ties are broken by ``torch.topk`` along the group (deterministic for equal inputs on one device).
+
+Example::
+
+    >>> s = NMStructure.parse("2:4")
+    >>> s.mask(torch.tensor([[0.1, 0.9, 0.5, 0.2, 3.0, 1.0, 2.0, 0.0]]))
+    tensor([[False,  True,  True, False,  True, False,  True, False]])
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sparsetrain.core.errors import SparsityConfigError
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class NMStructure:
+    """``N`` kept of every ``M`` consecutive weights along the input dim (``1 <= N < M``)."""
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, structure: str | None, key: str = "structure") -> NMStructure | None:
+        """``"2:4"`` -> ``NMStructure(2, 4)``; ``None`` or ``"unstructured"`` -> ``None``."""
+        if structure is None or structure == "unstructured":
+            return None
+        found = _PATTERN.match(structure) if isinstance(structure, str) else None
+        n, m = (int(found[1]), int(found[2])) if found else (0, 0)
+        if not found or not 1 <= n < m:
+            raise SparsityConfigError(
+                f"{key}={structure!r} must be 'N:M' with 1 <= N < M (e.g. '2:4', '1:4', '4:8'), "
+                "or None / 'unstructured'"
+            )
+        return cls(n, m)
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    @property
+    def sparsity(self) -> float:
+        """``1 - N/M``: the sparsity of every layer that holds this structure."""
+        return 1.0 - self.n / self.m
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a weight of ``shape`` (2 or more dims) has a row length that is a multiple of ``M``."""
+        return len(shape) >= 2 and math.prod(shape[1:]) % self.m == 0
+
+    def groups(self, t: Tensor) -> Tensor:
+        """``t`` viewed as ``(number of groups, M)``."""
+        if not self.fits(tuple(t.shape)):
+            raise ValueError(f"shape {tuple(t.shape)} does not fit {self}: its row length is not a multiple of {self.m}")
+        return t.reshape(-1, self.m)
+
+    def mask(self, scores: Tensor, n: int | None = None) -> Tensor:
+        """Keep the ``n`` (default ``N``) highest ``scores`` of every group."""
+        n = self.n if n is None else n
+        g = self.groups(scores)
+        keep = torch.zeros(g.shape, dtype=torch.bool, device=scores.device)
+        if n > 0:
+            keep.scatter_(1, g.topk(n, dim=1, sorted=False).indices, True)
+        return keep.view(scores.shape)
+
+    def protect(self, scores: Tensor) -> Tensor:
+        """``scores`` (float) with the ``N`` highest of every group raised to ``+inf``."""
+        return scores.float().masked_fill(self.mask(scores), float("inf"))
+
+    def group_counts(self, mask: Tensor) -> Tensor:
+        """Kept positions per group (int64, one per group)."""
+        return self.groups(mask).sum(1)
+
+    def holds(self, mask: Tensor) -> bool:
+        """Whether every group of ``mask`` keeps exactly ``N``."""
+        return bool((self.group_counts(mask) == self.n).all())
