@@ -79,23 +79,44 @@ def test_default_job_one_epoch(tmp_path):
     assert len(layer_keys) == len(summary["layers"]) == 5
 
 
-SPARSITY_CONFIGS = ["dense", "static", "gmp", "rigl", "set", "granet"]
+SPARSITY_CONFIGS = ["dense", "static", "gmp", "rigl", "set", "granet", "annealing", "srste"]
 
 
 @pytest.mark.parametrize("name", SPARSITY_CONFIGS)
 def test_sparsity_configs_instantiate(name):
-    cfg = compose_cfg(overrides=[f"sparsity={name}", "sparsity.method.sparsity=0.95"])
+    sparsity = "0.5" if name == "srste" else "0.95"  # SR-STE's sparsity must be its structure's 1 - N/M
+    cfg = compose_cfg(overrides=[f"sparsity={name}", f"sparsity.method.sparsity={sparsity}"])
     callback = instantiate(cfg.sparsity)
     assert isinstance(callback, SparsityCallback)
     expected = {"dense": Dense, "static": Static, "gmp": GMP}.get(name)
     if expected is not None:
         assert isinstance(callback.method, expected)
     if name != "dense":
-        assert callback.method.sparsity == 0.95
+        assert callback.method.sparsity == float(sparsity)
+
+
+@pytest.mark.parametrize("name", ["static", "gmp", "rigl", "set", "annealing", "srste"])
+def test_sparsity_configs_take_a_structure(name):
+    overrides = [f"sparsity={name}", "sparsity.method.structure=1:4"]
+    if name != "srste":
+        overrides += ["sparsity.method.sparsity=0.75", "sparsity.method.distribution=uniform"]
+    callback = instantiate(compose_cfg(overrides=overrides).sparsity)
+    assert callback.method.budget.structure == "1:4" and callback.method.sparsity == 0.75
+
+
+def test_a_structure_that_cannot_be_met_fails_with_the_key():
+    cfg = compose_cfg(overrides=["sparsity=rigl", "sparsity.method.structure=2:4", "sparsity.method.distribution=uniform"])
+    with pytest.raises(Exception, match=r"sparsity=0.9 does not match structure='2:4'.*set sparsity=0.5"):
+        instantiate(cfg.sparsity)
+    cfg = compose_cfg(overrides=["sparsity=granet", "sparsity.method.structure=2:4"])
+    with pytest.raises(Exception, match="GraNet has no N:M option"):
+        instantiate(cfg.sparsity)
 
 
 @pytest.mark.parametrize(
-    "experiment", ["digits_quick", "gmp_resnet20_cifar10", "static_vgg16_cifar10", "gmp_lenet300_mnist"]
+    "experiment",
+    ["digits_quick", "gmp_resnet20_cifar10", "static_vgg16_cifar10", "gmp_lenet300_mnist", "srste_vit_tiny_cifar10",
+     "gmp_2to4_resnet50_imagenet"],
 )
 def test_experiments_compose(experiment):
     cfg = compose_cfg(overrides=[f"experiment={experiment}"])

@@ -300,3 +300,17 @@ def test_a_run_rejected_at_start_does_not_claim_its_folder(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     lottery(tmp_path / "a", ["lottery.levels=1"]).run()  # the same folder, now with valid settings
     assert (tmp_path / "a" / "level_01" / "result.json").is_file()
+
+
+def test_levels_with_a_structure_end_n_m(tmp_path):
+    from sparsetrain.core.nm import NMStructure
+
+    lottery(tmp_path, ["lottery.levels=2", "lottery.structure=2:4"]).run()  # density 0.7, then 0.49 -> 2:4
+    s = NMStructure(2, 4)
+    level_1, level_2 = (load(tmp_path / f"level_0{i}" / "masks.pt") for i in (1, 2))
+    assert all((s.group_counts(m) >= 2).all() for m in level_1.values())
+    assert not all(s.holds(m) for m in level_1.values())
+    assert all(s.holds(m) for m in level_2.values())
+    final = load(tmp_path / "level_02" / "final.ckpt")["state_dict"]
+    assert all((s.group_counts(final[n] != 0) <= 2).all() for n in level_2)
+    assert json.loads((tmp_path / "lottery.json").read_text())["structure"] == "2:4"

@@ -58,6 +58,7 @@ from sparsetrain.apps.train import config_dir
 from sparsetrain.callback import SparsityCallback
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.imp import COUNTING, PRUNING, check_fraction, imp_masks, layer_fraction_map, random_masks_like
+from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.targets import select_targets
 from sparsetrain.apps.rewind import LevelStart, SaveRewindPoint
 from sparsetrain.methods.fixed import FixedMasks
@@ -95,7 +96,10 @@ class Lottery:
         counting: ``closed_form`` (``round(N (1 - p)^L)``) or ``openlth`` (``ceil(p remaining) + 1`` per
         level), see :mod:`sparsetrain.core.imp`. rewind_optimizer: ``True`` restores the optimizer state of
         the rewind point; ``False`` starts every level with a fresh optimizer (OpenLTH), the LR schedule and
-        step still at ``k``.
+        step still at ``k``. structure: ``None`` or ``"N:M"``: levels that end N:M (every level keeps at least
+        ``N`` of every ``M`` weights, and from the level whose density reaches ``N/M`` on exactly ``N``), with
+        ``indivisible`` (``dense`` | ``unstructured`` | ``error``) for layers that cannot hold it; see
+        :mod:`sparsetrain.core.imp`.
         fingerprint: anything else that must match when a run folder is reused.
 
     Example (a minute on a CPU)::
@@ -137,8 +141,14 @@ class Lottery:
         ignore: list[str] | None = None,
         counting: str = "closed_form",
         rewind_optimizer: bool = True,
+        structure: str | None = None,
+        indivisible: str = "dense",
     ):
         check_fraction(prune_fraction, "lottery.prune_fraction")
+        structure = None if NMStructure.parse(structure, "lottery.structure") is None else str(NMStructure.parse(structure))
+        _choice("indivisible", indivisible, ("dense", "unstructured", "error"))
+        if structure is not None and counting == "openlth":
+            raise SparsityConfigError("lottery.counting=openlth has no N:M structure: use lottery.counting=closed_form with lottery.structure")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise SparsityConfigError(
                 f"lottery.levels={levels!r} must be an int >= 1 (pruning levels after the dense level 0)"
@@ -157,8 +167,9 @@ class Lottery:
         if counting == "openlth" and (pruning != "global" or layer_fractions):
             raise SparsityConfigError("lottery.counting=openlth is OpenLTH's sparse_global: use lottery.pruning=global without layer_fractions")
         # reference conventions enter the folder's fingerprint only when used (older folders stay valid)
-        reference = dict(ignore=list(ignore or []), counting=counting, rewind_optimizer=rewind_optimizer)
-        reference = {k: v for k, v in reference.items() if v != dict(ignore=[], counting="closed_form", rewind_optimizer=True)[k]}
+        reference = dict(ignore=list(ignore or []), counting=counting, rewind_optimizer=rewind_optimizer, structure=structure, indivisible=indivisible)
+        defaults = dict(ignore=[], counting="closed_form", rewind_optimizer=True, structure=None, indivisible="dense")
+        reference = {k: v for k, v in reference.items() if v != defaults[k]}
         self.make_module, self.make_datamodule, self.make_trainer = make_module, make_datamodule, make_trainer
         self.root = Path(dir)
         self.out = self.root if control == "none" else self.root / f"control_{control}"
@@ -311,6 +322,8 @@ class Lottery:
             self.params["layer_fractions"],
             self.params.get("ignore"),
             self.params.get("counting", "closed_form"),
+            self.params.get("structure"),
+            self.params.get("indivisible", "dense"),
         )
 
     def _check_folder(self) -> None:

@@ -51,9 +51,9 @@ def config_dir() -> str:
     )
 
 
-def dense_method(sparsity: float | None = None):
-    """``Dense()`` for ``sparsity=dense``; ``sparsity`` is accepted and ignored so one sweep can
-    cover ``sparsity=dense,gmp sparsity.method.sparsity=0.8,0.9``."""
+def dense_method(sparsity: float | None = None, structure: str | None = None):
+    """``Dense()`` for ``sparsity=dense``; ``sparsity`` and ``structure`` are accepted and ignored so
+    one sweep can cover ``sparsity=dense,gmp sparsity.method.sparsity=0.8,0.9``."""
     from sparsetrain.methods import Dense
 
     return Dense()

@@ -25,6 +25,13 @@ layer-wise at their own rate, whatever ``pruning`` says (``0`` keeps a layer den
 other layers (for LeNet-300-100 with its output layer ignored, level 20 leaves 2,062 hidden
 weights, 0.78 %, instead of 3,058 when the output layer is simply not a target).
 
+``structure="N:M"`` (see :mod:`sparsetrain.core.nm`): layers that fit prune with their ``N``
+largest ``|w|`` of every group of ``M`` kept first, and never below ``N/M`` of their weights; so
+every level keeps at least ``N`` per group and the first level whose density reaches ``N/M``
+(and every later one) is exactly N:M. Under ``global`` the threshold pools only these layers; the
+ones that cannot hold the structure stay dense (``indivisible="dense"``) or are pruned layer-wise
+by ``fraction`` (``"unstructured"``).
+
 Example::
 
     >>> w = {"a": torch.tensor([0.1, -0.5, 0.3, 0.0, 0.9])}
@@ -43,6 +50,7 @@ from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores, topk_masks
+from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.validation import check_choice
 
 PRUNING = ("global", "layerwise")
@@ -86,11 +94,17 @@ def imp_masks(
     layer_fractions: Mapping[str, float] | None = None,
     ignore: list[str] | None = None,
     counting: str = "closed_form",
+    structure: str | None = None,
+    indivisible: str = "dense",
 ) -> Masks:
     """Masks of level ``level`` from the trained weights and masks of level ``level - 1``."""
     check_choice(pruning, "pruning", PRUNING)
     check_choice(counting, "counting", COUNTING)
+    check_choice(indivisible, "indivisible", ("dense", "unstructured", "error"))
     check_fraction(fraction)
+    nm = NMStructure.parse(structure)
+    if nm is not None and counting == "openlth":
+        raise SparsityConfigError("counting='openlth' has no N:M structure: use counting='closed_form' with structure")
     scores = magnitude_scores(weights, masks)
     own = layer_fraction_map(list(weights), layer_fractions)
     ignored = [n for n in weights if any(fnmatch.fnmatchcase(n, g) for g in ignore or [])]
@@ -99,9 +113,23 @@ def imp_masks(
             raise SparsityConfigError(f"ignore glob {glob!r} matches no target; targets are: {', '.join(list(weights)[:8])}")
     if counting == "openlth" and (pruning != "global" or own):
         raise SparsityConfigError("counting='openlth' is OpenLTH's sparse_global: use it with pruning='global' and no layer_fractions")
+    structured: list[str] = []
+    if nm is not None:
+        free = [n for n in weights if n not in own and n not in ignored]
+        unfit = [n for n in free if not nm.fits(tuple(weights[n].shape))]
+        if unfit and indivisible == "error":
+            raise SparsityConfigError(
+                f"structure={structure!r}: {unfit[:6]} have an input size that is not a multiple of {nm.m}; allowed: "
+                "indivisible='dense', 'unstructured', or exclude them from the targets"
+            )
+        own.update({n: 0.0 if indivisible == "dense" else fraction for n in unfit})
+        structured = [n for n in free if n not in unfit]
+        scores.update({n: nm.protect(scores[n]) for n in structured})
+    floor = {n: weights[n].numel() * nm.n // nm.m for n in structured}  # never below N/M of a structured layer
     if pruning == "layerwise":
-        own = {n: own.get(n, fraction) for n in weights if n not in ignored}
-    new = topk_masks({n: scores[n] for n in own}, {n: level_keep(weights[n].numel(), f, level) for n, f in own.items()})
+        own.update({n: fraction for n in weights if n not in own and n not in ignored})
+    keeps = {n: max(level_keep(weights[n].numel(), f, level), floor.get(n, 0)) for n, f in own.items()}
+    new = topk_masks({n: scores[n] for n in own}, keeps)
     new.update({n: torch.ones_like(weights[n], dtype=torch.bool) if masks is None else masks[n].clone() for n in ignored})
     rest = [n for n in weights if n not in own and n not in ignored]
     if rest:
@@ -114,6 +142,7 @@ def imp_masks(
             keep = max(0, active - (math.ceil(fraction * remaining) + 1))
         else:
             keep = level_keep(counted, fraction, level) - sum(weights[n].numel() for n in ignored)
+        keep = max(keep, sum(floor.get(n, 0) for n in rest))
         if keep < 0:
             raise SparsityConfigError(
                 f"level {level} keeps fewer weights than the ignored layers {ignored} hold: prune fewer levels"

@@ -40,6 +40,7 @@ class SRSTE(SparsityMethod):
         indivisible: layers whose input size is not a multiple of ``M``: ``dense`` (default),
             ``unstructured`` (the top ``1 - N/M`` of the layer's ``|w|``, same forward) or ``error``.
         overrides: per-layer sparsity by glob; such layers leave the structure (unstructured top-k).
+        sparsity: ``None`` (taken from the structure) or ``1 - N/M``; any other value fails.
 
     Example::
 
@@ -56,11 +57,14 @@ class SRSTE(SparsityMethod):
         end: int | float = 1.0,
         indivisible: str = "dense",
         overrides: Mapping[str, float] | None = None,
+        sparsity: float | None = None,
     ):
         if structure in (None, "unstructured"):
             raise SparsityConfigError(f"structure={structure!r}: SR-STE needs an 'N:M' structure, e.g. '2:4'")
         self.budget = Budget("uniform", overrides=overrides, overrides_mode="outside", structure=structure, indivisible=indivisible)
         self.sparsity = self.budget.nm.sparsity
+        if sparsity is not None:
+            self.budget.check_final(sparsity)
         self.decay = check_number(decay, "decay", 0.0, meaning="SR-STE's lambda_W, the decay of the pruned weights")
         self.updates = UpdateSchedule(0, end, every)
 
