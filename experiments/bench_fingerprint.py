@@ -95,8 +95,8 @@ def main(argv=None) -> None:
         "",
         "old: `positions = mask.nonzero()`, then `sum(positions * 2654435761 % 2147483647)` and the count: linear in "
         "the positions ({0, 3} and {1, 2} collide) and a `nonzero` (a host synchronisation on CUDA) per layer. "
-        "new: `sparsetrain.core.fingerprint.mask_hashes`: the mask's bytes viewed as int64 words, 8 bits gathered "
-        "per word, a murmur3 fmix64 of (word index, bits), summed mod 2^64; no nonzero, no synchronisation.",
+        "new: `sparsetrain.core.fingerprint.mask_hashes`: the mask's bytes viewed as int64 words, gathered into "
+        "64-bit blocks, a murmur3 fmix64 of each block xor its mixed index, summed mod 2^64; no nonzero, no synchronisation.",
         "",
         "Command:",
         "",
