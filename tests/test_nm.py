@@ -52,6 +52,11 @@ def test_mask_keeps_the_n_largest_of_every_group_along_the_input_dim(shape, n, m
             assert set(kept[r, c : c + m].nonzero().squeeze(1).tolist()) == top
 
 
+def test_ties_go_to_the_lower_position_of_the_group():
+    assert NMStructure(2, 4).mask(torch.ones(2, 8)).tolist() == [[True, True, False, False] * 2] * 2
+    assert NMStructure(3, 8).mask(torch.tensor([[0.0, 1, 1, 0, 1, 1, 0, 0]])).tolist() == [[False, True, True, False, True, False, False, False]]
+
+
 def test_protected_top_k_keeps_at_least_n_per_group_and_exactly_n_at_one_minus_n_over_m():
     s, scores = NMStructure(2, 4), torch.rand(8, 32, generator=torch.Generator().manual_seed(1))
     budget = Budget("uniform", structure="2:4")

@@ -16,7 +16,8 @@ Three operations, all per group and exact:
 * :func:`refill_groups` (in :mod:`sparsetrain.core.regrowth`): grow back, in each group, as many
   positions as the drop took out of it (RigL/SET: every group keeps its count).
 
-Ties are broken by ``torch.topk`` along the group (deterministic for equal inputs on one device).
+Ties go to the lower position in the group for ``M <= 8`` (the same on every device), to ``torch.topk``'s
+order above.
 
 Example::
 
@@ -79,13 +80,27 @@ class NMStructure:
         return t.reshape(-1, self.m)
 
     def mask(self, scores: Tensor, n: int | None = None) -> Tensor:
-        """Keep the ``n`` (default ``N``) highest ``scores`` of every group."""
+        """Keep the ``n`` (default ``N``) highest ``scores`` of every group (no NaN in ``scores``).
+
+        For ``M <= 8`` ties go to the lower position in the group, by pairwise comparisons (each
+        weight's rank in its group, ``M (M - 1) / 2`` compares per group: 3x faster than a
+        ``topk`` along groups of 4 on the CPU, ``experiments/results/bench_nm_update.md``).
+        """
         n = self.n if n is None else n
         g = self.groups(scores)
-        keep = torch.zeros(g.shape, dtype=torch.bool, device=scores.device)
-        if n > 0:
-            keep.scatter_(1, g.topk(n, dim=1, sorted=False).indices, True)
-        return keep.view(scores.shape)
+        if self.m > 8:
+            keep = torch.zeros(g.shape, dtype=torch.bool, device=scores.device)
+            if n > 0:  # ties: torch.topk's order (deterministic for equal inputs on one device)
+                keep.scatter_(1, g.topk(n, dim=1, sorted=False).indices, True)
+            return keep.view(scores.shape)
+        columns = g.t().contiguous()  # (M, groups): each position of a group is one contiguous row
+        beaten = torch.zeros(columns.shape, dtype=torch.uint8, device=scores.device)  # how many rank above
+        for i in range(self.m):
+            for j in range(i + 1, self.m):
+                wins = (columns[i] >= columns[j]).view(torch.uint8)  # a tie goes to i, the lower position
+                beaten[j] += wins
+                beaten[i] += 1 - wins
+        return (beaten < n).t().contiguous().view(scores.shape)
 
     def protect(self, scores: Tensor) -> Tensor:
         """``scores`` (float) with the ``N`` highest of every group raised to ``+inf``."""
