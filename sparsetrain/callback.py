@@ -255,6 +255,7 @@ class SparsityCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         previous = self.targets
         self.targets = self._select(trainer, pl_module)
+        _refuse_sharded(trainer, self.targets)
         self._total_steps = self._count_total_steps(trainer, pl_module)
         self.method.setup(self._total_steps)
         self.method.check({n: tuple(p.shape) for n, p in self.targets.items()})
@@ -697,3 +698,20 @@ def _mask_change(old: Masks, new: Masks, kept: list[Tensor]) -> dict[str, float]
     metrics["sparsity/mask_change/global"] = sum(grown.values()) / max(sum(active.values()), 1)
     return metrics
 
+
+def _refuse_sharded(trainer: pl.Trainer, targets: dict[str, Tensor]) -> None:
+    """Sharded parameters (FSDP, FSDP2 ``fully_shard``, DeepSpeed) would give per-shard masks and counts:
+    refused at fit start until masks are sharded with their parameters (docs/distributed.md)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        DTensor = ()  # noqa: N806
+    sharded = [n for n, p in targets.items() if isinstance(p, DTensor)]
+    strategy = type(trainer.strategy).__name__
+    if sharded or strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
+        where = f"parameters {sharded[:4]} are DTensors" if sharded else f"strategy={strategy} shards the parameters"
+        raise SparsityConfigError(
+            f"SparsityCallback does not support sharded parameters yet ({where}): masks, counts and selections would be "
+            "per shard, so the reported sparsity would be wrong. Allowed: single-device, DDP ('ddp', 'ddp_spawn', "
+            "multi-node DDP); see docs/distributed.md"
+        )
