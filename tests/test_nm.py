@@ -155,6 +155,10 @@ def test_every_group_keeps_exactly_n_after_init_and_every_update(name, structure
     assert cb.masks["conv.weight"].all()  # indivisible='dense'
     total = sum(model.get_parameter(n).numel() for n in STRUCTURED)
     assert sum(int(cb.masks[n].sum()) for n in STRUCTURED) == total * s.n // s.m
+    if name not in ("rigl", "set"):  # counted in the weights the model uses (RigL/SET grow weights at 0)
+        for n in STRUCTURED:
+            assert (groups_of(model.get_parameter(n) != 0, s.m) == s.n).all()
+        assert int((model.conv.weight == 0).sum()) == 0
 
 
 def test_rigl_n_m_really_moves_weights():
@@ -179,8 +183,9 @@ def test_gmp_groups_schedule_holds_the_same_count_in_every_group_at_every_update
 def test_indivisible_layers_are_reported_and_pruned_unstructured_on_request():
     with pytest.warns(UserWarning, match=r"1 targets cannot hold it .* kept dense .*conv.weight \(8, 1, 3, 3\)"):
         trainer(max_epochs=1, callbacks=[SparsityCallback(Static(0.5, "uniform", structure="2:4"))]).fit(TinyNet(), random_loader())
-    _, cb, _ = fit(Static(0.5, "uniform", structure="2:4", indivisible="unstructured"))
+    model, cb, _ = fit(Static(0.5, "uniform", structure="2:4", indivisible="unstructured"))
     assert int(cb.masks["conv.weight"].sum()) == 36  # half of 72, no structure
+    assert int((model.conv.weight == 0).sum()) == 36  # counted in the weight itself
 
 
 def test_a_finished_n_m_run_with_dense_layers_does_not_warn_that_it_is_short():
