@@ -296,22 +296,26 @@ class Budget:
             else:
                 self.counts(shapes, sparsity)
 
-    def masks(self, scores, sparsity: float):
+    def masks(self, scores, sparsity: float, shards=None):
         """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`).
 
         Structured layers keep the ``N`` highest of every group at ``sparsity = 1 - N/M``; below it,
         their top ``round((1 - sparsity) * numel)`` with the ``N`` highest of every group first.
+        ``shards`` (:class:`~sparsetrain.core.shards.Shards`): ``scores`` are this rank's pieces of
+        sharded targets; counts and selections are over the whole tensors (N:M groups lie inside rows,
+        which are never split).
         """
         from sparsetrain.core.masks import budget_masks, topk_masks  # masks.py builds on this module
+        from sparsetrain.core.shards import full_shapes
 
         nm = self.nm
         if nm is None:
-            return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
-        shapes = {n: tuple(s.shape) for n, s in scores.items()}
+            return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode, shards)
+        shapes = full_shapes(scores, shards)
         structured, _, _ = self.split(shapes)
         counts = self.counts(shapes, sparsity)
         final = sparsity >= nm.sparsity - 1e-9
         out = {n: nm.mask(scores[n]) if final else None for n in structured}
-        out.update(topk_masks({n: nm.protect(scores[n]) for n in structured if out[n] is None}, counts))
-        out.update(topk_masks({n: s for n, s in scores.items() if n not in out}, counts))
+        out.update(topk_masks({n: nm.protect(scores[n]) for n in structured if out[n] is None}, counts, shards))
+        out.update(topk_masks({n: s for n, s in scores.items() if n not in out}, counts, shards))
         return {n: out[n] for n in scores}

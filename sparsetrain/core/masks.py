@@ -13,41 +13,48 @@ import torch
 from torch import Tensor
 
 from sparsetrain.core.budgets import global_counts, layer_counts
+from sparsetrain.core.counter_rng import uniform
 from sparsetrain.core.kernels import MaskKernel
+from sparsetrain.core.select import select
+from sparsetrain.core.shards import Shards, full_shapes, local, offsets
 
 Masks = dict[str, Tensor]
 _EAGER = MaskKernel("eager")
 
 
-def random_scores(params: Mapping[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
-    """Uniform random scores per target, drawn on the CPU in target order (same seed, same scores)."""
-    return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+def random_scores(
+    params: Mapping[str, Tensor], generator: torch.Generator, shards: Shards | None = None
+) -> dict[str, Tensor]:
+    """Uniform scores in ``[0, 1)`` per target, on its device, from counter-based noise (:mod:`.counter_rng`).
+
+    One seed is drawn from ``generator`` per call (same generator state, same scores); the score of a
+    weight is then a function of that seed, the target's name and the weight's flat index, so the
+    pieces of sharded targets (``shards``) get exactly the scores of the whole tensors.
+    """
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    starts = offsets(params, shards)
+    return {n: uniform(seed, n, starts[n], p.numel(), p.device).view(p.shape) for n, p in params.items()}
 
 
 def topk_mask(scores: Tensor, keep: int) -> Tensor:
-    """Mask of the ``keep`` largest scores (ties broken by ``torch.topk``, deterministic for equal inputs)."""
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if keep > 0:
-        flat[torch.topk(scores.reshape(-1), keep, sorted=False).indices] = True
-    return flat.view(scores.shape)
+    """Mask of the ``keep`` largest scores (ties: lowest flat index first, see :func:`.select.select`)."""
+    return select([scores], [[0]], [keep])[0]
 
 
-def topk_masks(scores: Mapping[str, Tensor], counts: Mapping[str, int]) -> Masks:
-    """Per-layer top-k: layer ``n`` keeps its ``counts[n]`` largest scores."""
-    return {n: topk_mask(s, counts[n]) for n, s in scores.items()}
-
-
-def global_topk_masks(scores: Mapping[str, Tensor], keep: int) -> Masks:
-    """One threshold over all layers: the ``keep`` largest scores across every target survive."""
+def topk_masks(scores: Mapping[str, Tensor], counts: Mapping[str, int], shards: Shards | None = None) -> Masks:
+    """Per-layer top-k: layer ``n`` keeps its ``counts[n]`` largest scores (over all pieces when ``shards``)."""
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float().to(scores[names[0]].device) for n in names])
-    kept = topk_mask(flat, keep)
-    masks, offset = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        masks[n] = kept[offset : offset + size].view(scores[n].shape).to(scores[n].device)
-        offset += size
-    return masks
+    masks = select([scores[n] for n in names], [[i] for i in range(len(names))], [counts[n] for n in names], shards)
+    return dict(zip(names, masks))
+
+
+def global_topk_masks(scores: Mapping[str, Tensor], keep: int, shards: Shards | None = None) -> Masks:
+    """One threshold over all layers: the ``keep`` largest scores across every target survive.
+
+    No concatenation: the threshold search reads each layer where it lies (:func:`.select.select`).
+    """
+    names = list(scores)
+    return dict(zip(names, select([scores[n] for n in names], [list(range(len(names)))], [keep], shards)))
 
 
 def magnitude_scores(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
@@ -72,20 +79,21 @@ def budget_masks(
     power: float = 1.0,
     overrides: Mapping[str, float] | None = None,
     overrides_mode: str = "exact",
+    shards: Shards | None = None,
 ) -> Masks:
     """Keep the highest scores under a layer-wise budget (see :mod:`sparsetrain.core.budgets`).
 
     ``global`` keeps the ``round((1 - sparsity) * N)`` highest scores over all targets that have
     no override; overridden layers keep their own top-k.
     """
-    shapes = {n: tuple(s.shape) for n, s in scores.items()}
+    shapes = full_shapes(scores, shards)
     if distribution != "global":
-        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides, overrides_mode))
+        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides, overrides_mode), shards)
     fixed_counts, keep = global_counts(shapes, sparsity, overrides, overrides_mode)
     rest = [n for n in scores if n not in fixed_counts]
-    masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts)
+    masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts, shards)
     if rest:
-        masks.update(global_topk_masks({n: scores[n] for n in rest}, keep))
+        masks.update(global_topk_masks({n: scores[n] for n in rest}, keep, shards))
     return {n: masks[n] for n in scores}
 
 
@@ -123,16 +131,14 @@ def reset_optimizer_state_(optimizer: torch.optim.Optimizer, params: Iterable[Te
 
     Works for any ``torch.optim`` optimizer whose per-parameter state holds tensors of the
     parameter's shape; other state entries (step counters, factored statistics) are left alone.
+    Sharded parameters (DTensors) take ``keep`` shaped like their local piece, and so does their state.
     Returns how many state tensors were touched.
     """
     touched = 0
     for p, k in zip(params, keep):
         for value in optimizer.state.get(p, {}).values():
             if isinstance(value, Tensor) and value.shape == p.shape:
-                value.mul_(k)
+                local(value).mul_(k)
                 touched += 1
     return touched
 
-
-def count_active(masks: Mapping[str, Tensor]) -> dict[str, int]:
-    return {n: int(m.sum()) for n, m in masks.items()}

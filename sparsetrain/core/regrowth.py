@@ -16,9 +16,10 @@ same update simply stays active, and the callback keeps its value and optimizer 
 (it resets only positions that were inactive before the update). So at most ``k``, and
 possibly fewer, positions really change; a fully dense layer never changes.
 
-Ties are broken by ``torch.topk`` on the flattened tensor: deterministic for identical inputs
-on the same device (so identical on every DDP rank), but otherwise unspecified; no noise is
-added. Non-finite scores (NaN, inf) are the least important: such a weight is dropped before
+Ties keep the lowest flat index (:func:`sparsetrain.core.select.select`): of equal
+``|w|`` the later positions are dropped first, of equal grow scores the earlier ones grow. The
+rule does not depend on the device or on how a tensor is sharded, so DDP ranks and FSDP shards
+decide alike. Non-finite scores (NaN, inf) are the least important: such a weight is dropped before
 every finite one, and a position whose grow score is non-finite is grown only when too few
 finite candidates are left.
 
@@ -38,10 +39,13 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
+
+from sparsetrain.core.select import select
+from sparsetrain.core.shards import Shards, total_counts
 
 
 def drop_count(n_active: int, fraction: float, rounding: str = "floor") -> int:
@@ -51,19 +55,9 @@ def drop_count(n_active: int, fraction: float, rounding: str = "floor") -> int:
     return max(0, min(int(k), n_active))
 
 
-def _drop_(out: Tensor, active: Tensor, scores: Tensor, k: int) -> None:
-    """Clear, in the flat mask ``out``, the ``k`` positions of ``active`` with the smallest ``|scores|``."""
-    if k > 0:  # top-k over the active positions only: ~1/density times cheaper than over all
-        drop = scores.reshape(-1)[active].abs().float().nan_to_num_(nan=-1.0, posinf=-1.0)  # non-finite: dropped first
-        picked = torch.topk(drop, k, largest=False, sorted=False).indices
-        out.scatter_(0, active[picked], False)
-
-
-def _grow_(out: Tensor, scores: Tensor, k: int) -> None:
-    """Set, in the flat mask ``out``, the ``k`` inactive positions with the largest ``|scores|``."""
-    if k > 0:
-        candidates = scores.reshape(-1).abs().float().nan_to_num_(nan=-1.0, posinf=-1.0).masked_fill_(out, float("-inf"))
-        out.scatter_(0, torch.topk(candidates, k, sorted=False).indices, True)
+def _score(t: Tensor) -> Tensor:
+    """``|t|`` as flat float32, non-finite values as ``-1`` (below every finite magnitude)."""
+    return t.detach().reshape(-1).abs().float().nan_to_num_(nan=-1.0, posinf=-1.0)
 
 
 def _refill_groups_(out: Tensor, before: Tensor, scores: Tensor, group_size: int) -> None:
@@ -73,24 +67,64 @@ def _refill_groups_(out: Tensor, before: Tensor, scores: Tensor, group_size: int
     missing = was.sum(1) - groups.sum(1)
     if not bool(missing.any()):
         return
-    candidates = scores.reshape(-1, group_size).abs().float().nan_to_num(nan=-1.0, posinf=-1.0).masked_fill_(groups, float("-inf"))
+    candidates = _score(scores).view(-1, group_size).masked_fill_(groups, float("-inf"))
     order = candidates.argsort(dim=1, descending=True, stable=True)
     take = torch.arange(group_size, device=out.device) < missing.unsqueeze(1)
     groups |= torch.zeros_like(groups).scatter_(1, order, take)
 
 
+def drop_and_grow_layers(
+    masks: Mapping[str, Tensor],
+    drop_scores: Mapping[str, Tensor],
+    grow_scores: Mapping[str, Tensor],
+    k: Mapping[str, int] | Callable[[int], int],
+    group_sizes: Mapping[str, int | None] | None = None,
+    shards: Shards | None = None,
+) -> dict[str, Tensor]:
+    """:func:`drop_and_grow` for every layer of ``masks`` at once (two selections in all, whatever the layer count).
+
+    ``k``: per-layer counts, or a function of each layer's number of active positions; ``group_sizes``:
+    N:M layers grow inside their groups; ``shards``: the tensors are this rank's pieces of sharded
+    targets (counts and selections are over the whole tensors; the result is bitwise the unsharded one).
+    """
+    names = list(masks)
+    n_active = total_counts(masks, shards)
+    ks = {n: k(n_active[n]) if callable(k) else k[n] for n in names}
+    for n in names:
+        if not 0 <= ks[n] <= n_active[n]:
+            raise ValueError(f"k={ks[n]} must lie in [0, {n_active[n]}] (the number of active positions of {n})")
+    flat = {n: masks[n].reshape(-1) for n in names}
+    active = {n: flat[n].nonzero().squeeze(1) for n in names}
+    # drop: keep the n - k largest |drop score| among the active positions (read there only: ~1/density cheaper)
+    picked = select([_score(drop_scores[n])[active[n]] for n in names], [[i] for i in range(len(names))],
+                    [n_active[n] - ks[n] for n in names], shards)
+    kept = {}
+    for n, p in zip(names, picked):
+        kept[n] = torch.zeros_like(flat[n]).scatter_(0, active[n][p], True)
+    sizes = group_sizes or {}
+    free = [n for n in names if sizes.get(n) is None]
+    grown = select([_score(grow_scores[n]).masked_fill_(kept[n], float("-inf")) for n in free],
+                   [[i] for i in range(len(free))], [ks[n] for n in free], shards)
+    for n, g in zip(free, grown):
+        kept[n] |= g
+    for n in names:
+        if sizes.get(n) is not None:
+            _refill_groups_(kept[n], flat[n], grow_scores[n], sizes[n])
+    return {n: kept[n].view(masks[n].shape) for n in names}
+
+
 def drop_smallest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     """``mask`` without its ``k`` active positions of smallest ``|scores|`` (a new tensor)."""
-    out = mask.reshape(-1).clone()
-    _drop_(out, out.nonzero().squeeze(1), scores, k)
-    return out.view(mask.shape)
+    flat = mask.reshape(-1)
+    active = flat.nonzero().squeeze(1)
+    kept = select([_score(scores)[active]], [[0]], [active.numel() - k])[0]
+    return torch.zeros_like(flat).scatter_(0, active[kept], True).view(mask.shape)
 
 
 def grow_largest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     """``mask`` plus the ``k`` inactive positions of largest ``|scores|`` (a new tensor)."""
-    out = mask.reshape(-1).clone()
-    _grow_(out, scores, k)
-    return out.view(mask.shape)
+    candidates = _score(scores).masked_fill_(mask.reshape(-1), float("-inf"))
+    return mask | select([candidates], [[0]], [k])[0].view(mask.shape)
 
 
 def drop_and_grow(
@@ -103,14 +137,5 @@ def drop_and_grow(
     ``mask``; the inputs are not modified. ``group_size``: grow inside each group of that many
     consecutive positions (of ``mask.reshape(-1)``) as many as the drop took out of it.
     """
-    out = mask.reshape(-1).clone()
-    active = out.nonzero().squeeze(1)
-    k = k(active.numel()) if callable(k) else k
-    if not 0 <= k <= active.numel():
-        raise ValueError(f"k={k} must lie in [0, {active.numel()}] (the number of active positions)")
-    _drop_(out, active, drop_scores, k)
-    if group_size is None:
-        _grow_(out, grow_scores, k)
-    else:
-        _refill_groups_(out, mask.reshape(-1), grow_scores, group_size)
-    return out.view(mask.shape)
+    counts = k if callable(k) else {"": k}
+    return drop_and_grow_layers({"": mask}, {"": drop_scores}, {"": grow_scores}, counts, {"": group_size})[""]
