@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import zlib
 from collections.abc import Sequence
 
 import lightning.pytorch as pl
@@ -19,6 +20,7 @@ from sparsetrain.core.fingerprint import compare_across_ranks, mask_hashes
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
+from sparsetrain.core.shards import Shards, local, pack_rows, total_counts, unpack_rows
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
 from sparsetrain.core.targets import select_targets
 from sparsetrain.core.validation import check_choice, check_int
@@ -26,6 +28,7 @@ from sparsetrain.methods import method_from_name
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 CONFIG_CHANGES = ("error", "continue")
+MASK_PREFIX = "_sparsetrain."  # keys of the sharded masks in a distributed checkpoint's state_dict
 FINALIZE = ("warn", "prune")
 
 log = logging.getLogger(__name__)
@@ -194,6 +197,9 @@ class SparsityCallback(Callback):
         self._final = False  # finalize="prune" made the masks hard early
         self._warned_nonfinite = False
         self._fit_trainer: int | None = None
+        self._shards: Shards | None = None  # FSDP2: where each target's local piece lies (core/shards.py)
+        self._deferred = False  # masks wait for on_train_start: the strategy restores the checkpoint after on_fit_start
+        self._ckpt_path = None
 
     @property
     @override
@@ -255,12 +261,30 @@ class SparsityCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         previous = self.targets
         self.targets = self._select(trainer, pl_module)
-        _refuse_sharded(trainer, self.targets)
+        self._shards = _sharding(trainer, self.targets, self.method)
         self._total_steps = self._count_total_steps(trainer, pl_module)
         self.method.setup(self._total_steps)
-        self.method.check({n: tuple(p.shape) for n, p in self.targets.items()})
+        self.method.check(self._shapes())
         self._final = False
         self._grads, self._stepped = {}, {}
+        self._ckpt_path = trainer.ckpt_path
+        self._reapply_every_step = self.reapply == "always" or not all(
+            keeps_masked_weights_zero(opt) for opt in trainer.optimizers
+        )
+        self._deferred = trainer.ckpt_path is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False)
+        if self._deferred:  # FSDP2 (ModelParallelStrategy): weights and callback state are restored after this hook
+            self.masks = None
+            return
+        self._begin(trainer, previous)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred:
+            self._deferred = False
+            self._begin(trainer, {})
+
+    def _begin(self, trainer: pl.Trainer, previous: dict[str, Tensor]) -> None:
+        """Masks of this fit: the checkpoint's, the previous fit's (same model), or new ones from the method."""
         if self._restored is not None:
             self._load_restored(self._restored)
             self._restored = None
@@ -280,17 +304,19 @@ class SparsityCallback(Callback):
             self.step = trainer.global_step
             self.masks = self.method.init_masks(self._context())
             if self.masks is not None:
-                self.masks = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in self.masks.items()}
+                self.masks = {n: m.to(device=local(self.targets[n]).device, dtype=torch.bool) for n, m in self.masks.items()}
         self._apply_to_weights()  # not while the masks are stochastic
-        self._reapply_every_step = self.reapply == "always" or not all(
-            keeps_masked_weights_zero(opt) for opt in trainer.optimizers
-        )
         self._check_ranks_agree(trainer)
         self._log(trainer, self.step)
         log.info("%s on %d targets (%s weights)", self.method, len(self.targets), f"{self.sparsity_report().numel:,}")
 
     def _context(self, stepped: frozenset[str] | None = None) -> SparsityContext:
-        return SparsityContext(self.targets, self.masks, self._total_steps, self.generator, stepped)
+        params = {n: local(p) for n, p in self.targets.items()}  # FSDP2: the rank's pieces (ctx.shards says where)
+        return SparsityContext(params, self.masks, self._total_steps, self.generator, stepped, self._shards)
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shape of every target (a DTensor's ``shape`` is the full one)."""
+        return {n: tuple(p.shape) for n, p in self.targets.items()}
 
     # ----------------------------------------------------------- every step
     def _stochastic(self, step: int) -> bool:
@@ -351,8 +377,8 @@ class SparsityCallback(Callback):
         upcoming = trainer.global_step + 1
         self._stepped[upcoming] = names
         if self.method.needs_grads(upcoming):  # only targets that really got a gradient from this step
-            self._grads[upcoming] = {
-                n: p.grad.detach().clone() for n, p in self.targets.items() if n in names and p.grad is not None
+            self._grads[upcoming] = {  # FSDP2: the reduce-scattered (averaged) gradient's local piece
+                n: local(p.grad).detach().clone() for n, p in self.targets.items() if n in names and p.grad is not None
             }
         if self.method.skips_optimizer_step(upcoming):  # torch optimizers leave a parameter without grad alone
             for group in optimizer.param_groups:
@@ -362,7 +388,7 @@ class SparsityCallback(Callback):
             named = [(n, p) for n, p in self.targets.items() if n in names and p.grad is not None]
             self.method.regularize_([p.detach() for _, p in named], [p.grad for _, p in named], [self.masks[n] for n, _ in named])
         else:
-            pairs = [(p.grad, self.masks[n]) for n, p in self.targets.items() if n in names]
+            pairs = [(local(p.grad), self.masks[n]) for n, p in self.targets.items() if n in names]
             self.kernel([g for g, _ in pairs], [m for _, m in pairs])
 
     @override
@@ -430,7 +456,7 @@ class SparsityCallback(Callback):
         if self.masks is None or not self.targets:
             return None
         report = self.sparsity_report()
-        kept = self.method.final_kept({n: tuple(p.shape) for n, p in self.targets.items()})
+        kept = self.method.final_kept(self._shapes())
         return report if report.numel - report.zeros > kept else None
 
     def _schedule_end(self):
@@ -440,7 +466,7 @@ class SparsityCallback(Callback):
     @torch.no_grad()
     def _apply_to_weights(self) -> None:
         if self.masks is not None and not self._stochastic(self.step):
-            self.kernel(self.targets.values(), self.masks.values())
+            self.kernel([local(p) for p in self.targets.values()], self.masks.values())
 
     # ------------------------------------------------- stochastic masks: swaps
     def _swap_in(self, pl_module: pl.LightningModule, tensors: list[Tensor]) -> None:
@@ -489,6 +515,8 @@ class SparsityCallback(Callback):
             if missing:
                 raise SparsityConfigError(f"the checkpoint has masks for {missing[:4]}, which this model does not have")
             self.targets = {n: params[n] for n in names}
+            self._shards = _sharding(trainer, self.targets, self.method)
+            self._ckpt_path = trainer.ckpt_path
             self._load_restored(self._restored)
             self._restored = None
 
@@ -529,14 +557,14 @@ class SparsityCallback(Callback):
             self._set_masks(trainer, new, step, reset_state=not self.method.stochastic(step))
         if nonfinite:  # NaN * 0 is NaN: masked positions of non-finite weights need an explicit 0
             for n in nonfinite:
-                self.targets[n].masked_fill_(~self.masks[n], 0.0)
+                local(self.targets[n]).masked_fill_(~self.masks[n], 0.0)
 
     def _nonfinite(self, step: int, grads: dict[str, Tensor] | None) -> list[str]:
         """Targets whose weight holds NaN/inf (warned once per fit, also for non-finite gradients)."""
         if self.masks is None:
             return []
         names = list(self.targets)
-        flags = torch.stack([~torch.isfinite(p).all() for p in self.targets.values()]).tolist()
+        flags = torch.stack([~torch.isfinite(local(p)).all() for p in self.targets.values()]).tolist()
         bad = [n for n, f in zip(names, flags) if f]
         bad_grads = [n for n, g in (grads or {}).items() if not bool(torch.isfinite(g).all())]
         if (bad or bad_grads) and not self._warned_nonfinite:
@@ -550,13 +578,13 @@ class SparsityCallback(Callback):
 
     @torch.no_grad()
     def _set_masks(self, trainer: pl.Trainer, new: Masks, step: int, reset_state: bool) -> None:
-        new = {n: m.to(device=self.targets[n].device, dtype=torch.bool) for n, m in new.items()}
+        new = {n: m.to(device=local(self.targets[n]).device, dtype=torch.bool) for n, m in new.items()}
         if self.masks is not None:
             keep = [self.masks[n] & new[n] for n in self.targets]  # positions active before and after
             if reset_state:  # stochastic masks zero nothing; state resets when they turn hard
                 for optimizer in trainer.optimizers:
                     reset_optimizer_state_(optimizer, self.targets.values(), keep)
-            self._change_metrics = _mask_change(self.masks, new, keep)
+            self._change_metrics = _mask_change(self.masks, new, keep, self._shards)
         self.masks = new
         self._apply_to_weights()
         self._check_ranks_agree(trainer)
@@ -580,7 +608,7 @@ class SparsityCallback(Callback):
                 "strategy='ddp_spawn' the masks stay in the worker processes, but the trained weights are back in your "
                 "model: use callback.sparsity_report(model)."
             )
-        return sparsity_report(self.targets)
+        return sparsity_report(self.targets, self._shards)
 
     def _log(self, trainer: pl.Trainer, step: int) -> None:
         metrics = self.sparsity_report().metrics(per_layer=self.log_per_layer)
@@ -592,8 +620,22 @@ class SparsityCallback(Callback):
 
     # ------------------------------------------------------------------ DDP
     def _check_ranks_agree(self, trainer: pl.Trainer) -> None:
-        """A 63-bit hash per mask, compared with one MAX all-reduce of ``[h, -h]``: O(layers) bytes, any world size."""
+        """A 63-bit hash per mask, compared with one MAX all-reduce of ``[h, -h]``: O(layers) bytes, any world size.
+
+        Sharded masks differ across ranks by design: then what every rank must share is compared instead, the
+        step, the seed and the generator's state (every random decision), and the per-layer counts.
+        """
         if trainer.world_size <= 1 or self.masks is None:
+            return
+        if self._shards is not None:
+            counts = list(total_counts(self.masks, self._shards).values())
+            state = zlib.crc32(bytes(self.generator.get_state().numpy()))
+            shared = torch.tensor([self.step, self._seed or 0, state, *counts], dtype=torch.int64)
+            if compare_across_ranks(shared, trainer.strategy):
+                raise RuntimeError(
+                    f"SparsityCallback: the ranks disagree at step {self.step} about the step, seed or generator state "
+                    "of the sharded masks; every rank must run the same updates"
+                )
             return
         bad = compare_across_ranks(mask_hashes(list(self.masks.values())), trainer.strategy)
         if bad:
@@ -613,9 +655,11 @@ class SparsityCallback(Callback):
 
     @override
     def state_dict(self) -> dict:
+        sharded = self._shards is not None and self.masks is not None  # then the masks go in on_save_checkpoint
         return {
             "targets": list(self.targets),
-            "masks": None if self.masks is None else {n: m.detach().cpu() for n, m in self.masks.items()},
+            "masks": None if self.masks is None or sharded else {n: m.detach().cpu() for n, m in self.masks.items()},
+            "sharded": sharded,
             "method": self.method.state_dict(),
             "method_name": type(self.method).__name__,
             "config": self._config(),
@@ -626,7 +670,53 @@ class SparsityCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
-        self._restored = state_dict  # applied in on_fit_start, once the targets are known
+        self._restored = state_dict  # applied in on_fit_start (or on_train_start under FSDP2), once the targets are known
+
+    # Sharded masks. Callback state is rank 0's copy on every rank, so the pieces cannot go there. With a
+    # distributed checkpoint (a folder, ModelParallelStrategy's default) each rank's bit-packed rows ride along
+    # in checkpoint["state_dict"] as DTensors laid out like their weight: written by each rank, resharded by
+    # torch.distributed.checkpoint, ignored by Lightning's model load, read back in on_train_start. With a
+    # single-file checkpoint (save_distributed_checkpoint=False) the packed rows are gathered into the state.
+    def _mask_key(self, name: str) -> str:
+        return f"{MASK_PREFIX}{self.state_key}.{name}"
+
+    def _packed_dtensor(self, name: str, packed_local: Tensor):
+        from torch.distributed.tensor import DTensor
+
+        p, width = self.targets[name], packed_local.shape[1]
+        shape = (p.shape[0] if p.dim() else 1, width)
+        return DTensor.from_local(packed_local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=(width, 1))
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if self._shards is None or self.masks is None:
+            return
+        pieces = {n: self._packed_dtensor(n, pack_rows(m)) for n, m in self.masks.items()}
+        if getattr(trainer.strategy, "_save_distributed_checkpoint", True):
+            checkpoint["state_dict"].update({self._mask_key(n): d for n, d in pieces.items()})
+        else:  # one file, written by rank 0: 1 bit per weight (every rank takes part in the gather)
+            packed = {n: d.full_tensor().cpu() for n, d in pieces.items()}
+            checkpoint["callbacks"][self.state_key]["packed_masks"] = packed
+
+    def _restored_masks(self, state: dict) -> Masks | None:
+        """The checkpoint's masks as this rank holds them (its rows under FSDP2)."""
+        shapes = self._shapes()
+        if state.get("sharded") and state.get("packed_masks") is None:  # pieces in the distributed checkpoint
+            import torch.distributed.checkpoint as dcp
+
+            templates = {
+                self._mask_key(n): self._packed_dtensor(n, torch.zeros_like(pack_rows(torch.zeros_like(local(p), dtype=torch.bool))))
+                for n, p in self.targets.items()
+            }
+            dcp.load({"state_dict": templates}, checkpoint_id=self._ckpt_path)
+            return {n: unpack_rows(templates[self._mask_key(n)].to_local(), tuple(local(p).shape)) for n, p in self.targets.items()}
+        masks = state["masks"]
+        if state.get("packed_masks") is not None:
+            masks = {n: unpack_rows(b, shapes[n]) for n, b in state["packed_masks"].items()}
+        if masks is not None and self._shards is not None:  # full masks: keep this rank's rows
+            pieces = self._shards.pieces
+            masks = {n: m[pieces[n].start : pieces[n].stop] for n, m in masks.items()}
+        return masks
 
     # A torch.Generator pickles its state as a temporary tensor, which torch.multiprocessing
     # (ddp_spawn) shares by file descriptor and frees before the child reads it; send bytes.
@@ -649,6 +739,8 @@ class SparsityCallback(Callback):
                 f"{type(self.method).__name__}; resume with the same method"
             )
         masks = state["masks"]
+        if state.get("sharded") and list(state["targets"]) != list(self.targets):
+            masks = dict.fromkeys(state["targets"])  # named in the error below
         if masks is not None and list(masks) != list(self.targets):
             raise SparsityConfigError(
                 f"the checkpoint has masks for targets {list(masks)[:4]}... but this model's targets are "
@@ -668,7 +760,8 @@ class SparsityCallback(Callback):
                     "from its masks with the new one"
                 )
             rank_zero_warn(f"SparsityCallback(on_config_change='continue'): resuming with a changed configuration ({changes})")
-        self.masks = None if masks is None else {n: m.to(self.targets[n].device) for n, m in masks.items()}
+        masks = self._restored_masks(state)
+        self.masks = None if masks is None else {n: m.to(local(self.targets[n]).device) for n, m in masks.items()}
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])
         self._seed, self.step = state["seed"], state["step"]
@@ -690,28 +783,31 @@ def _plain(value):
     return _NOT_PLAIN
 
 
-def _mask_change(old: Masks, new: Masks, kept: list[Tensor]) -> dict[str, float]:
+def _mask_change(old: Masks, new: Masks, kept: list[Tensor], shards: Shards | None) -> dict[str, float]:
     """Fraction of the new active weights that were not active before, per layer and global."""
-    active = {n: int(m.sum()) for n, m in new.items()}
-    grown = {n: active[n] - int(k.sum()) for n, k in zip(new, kept)}
+    both = total_counts({**{("new", n): m for n, m in new.items()}, **{("kept", n): k for n, k in zip(new, kept)}}, shards)
+    active = {n: both["new", n] for n in new}
+    grown = {n: active[n] - both["kept", n] for n in new}
     metrics = {f"sparsity/mask_change/{n}": grown[n] / max(active[n], 1) for n in new}
     metrics["sparsity/mask_change/global"] = sum(grown.values()) / max(sum(active.values()), 1)
     return metrics
 
 
-def _refuse_sharded(trainer: pl.Trainer, targets: dict[str, Tensor]) -> None:
-    """Sharded parameters (FSDP, FSDP2 ``fully_shard``, DeepSpeed) would give per-shard masks and counts:
-    refused at fit start until masks are sharded with their parameters (docs/distributed.md)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        DTensor = ()  # noqa: N806
-    sharded = [n for n, p in targets.items() if isinstance(p, DTensor)]
+def _sharding(trainer: pl.Trainer, targets: dict[str, Tensor], method: SparsityMethod) -> Shards | None:
+    """The layout of sharded targets (FSDP2 ``fully_shard``), ``None`` when they are whole; what cannot be made
+    right under sharding fails here, at fit start."""
     strategy = type(trainer.strategy).__name__
-    if sharded or strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
-        where = f"parameters {sharded[:4]} are DTensors" if sharded else f"strategy={strategy} shards the parameters"
+    if strategy in ("FSDPStrategy", "DeepSpeedStrategy"):
         raise SparsityConfigError(
-            f"SparsityCallback does not support sharded parameters yet ({where}): masks, counts and selections would be "
-            "per shard, so the reported sparsity would be wrong. Allowed: single-device, DDP ('ddp', 'ddp_spawn', "
-            "multi-node DDP); see docs/distributed.md"
+            f"strategy={strategy} is not supported: it flattens the parameters into shards of its own, so masks, counts "
+            "and selections would be per shard. Allowed: single-device, DDP ('ddp', 'ddp_spawn', multi-node) and FSDP2 "
+            "through ModelParallelStrategy(tensor_parallel_size=1) with fully_shard in configure_model(); see docs/distributed.md"
         )
+    shards = Shards.of(targets)
+    if shards is not None and type(method).stochastic is not SparsityMethod.stochastic:
+        raise SparsityConfigError(
+            f"{type(method).__name__} swaps sampled or straight-through weights into the modules at every forward, which "
+            "FSDP2's all-gather of the sharded parameters does not see: it is not supported with sharded parameters. "
+            "Allowed under FSDP2: Static, GMP, RigL, SET, GraNet, FixedMasks (lottery tickets); or train with DDP"
+        )
+    return shards

@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import math
+
 import torch
 from torch import Tensor
+
+from sparsetrain.core.shards import Shards, full_shapes, local
 
 
 @dataclass
@@ -64,8 +68,19 @@ class SparsityReport:
 
 
 @torch.no_grad()
-def sparsity_report(params: Mapping[str, Tensor]) -> SparsityReport:
-    """Count exact zeros in every tensor of ``params``."""
+def sparsity_report(params: Mapping[str, Tensor], shards: Shards | None = None) -> SparsityReport:
+    """Count exact zeros in every tensor of ``params``.
+
+    ``shards``: the tensors are this rank's pieces of sharded targets (DTensors or their local
+    parts): zeros are counted in every piece and summed over the ranks (one all-reduce, so every
+    rank must call it), sizes are those of the whole tensors.
+    """
+    if not params:
+        return SparsityReport({})
+    zeros = torch.stack([(local(p) == 0).sum() for p in params.values()]).long()
+    if shards is not None:
+        zeros = shards.sum(zeros)
+    shapes = full_shapes(params, shards)
     return SparsityReport(
-        {n: LayerSparsity(numel=p.numel(), zeros=int((p == 0).sum())) for n, p in params.items()}
+        {n: LayerSparsity(numel=math.prod(shapes[n]), zeros=z) for n, z in zip(params, zeros.tolist())}
     )

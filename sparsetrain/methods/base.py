@@ -24,6 +24,7 @@ from torch import Tensor
 from sparsetrain.core.budgets import Budget
 from sparsetrain.core.masks import Masks
 from sparsetrain.core.schedules import UpdateSchedule
+from sparsetrain.core.shards import Shards, full_shapes, total_counts
 
 
 @dataclass
@@ -33,6 +34,10 @@ class SparsityContext:
     ``stepped``: the targets that the optimizer step being processed trains (``None``: all). With
     several optimizers (a GAN) or frozen layers included by name, drop-and-grow methods move only
     these: a weight grown where nothing trains it would stay 0 for ever.
+
+    ``shards``: under FSDP2 the params, masks and gradients are this rank's pieces of sharded
+    targets (:mod:`sparsetrain.core.shards`); pass ``shards`` to every selection, and take shapes
+    and counts from :attr:`shapes` and :meth:`active`, which are those of the whole tensors.
     """
 
     params: dict[str, Tensor]
@@ -40,9 +45,19 @@ class SparsityContext:
     total_steps: int | None
     generator: torch.Generator
     stepped: frozenset[str] | None = None
+    shards: Shards | None = None
 
     def trains(self, name: str) -> bool:
         return self.stepped is None or name in self.stepped
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Full shape of every target."""
+        return full_shapes(self.params, self.shards)
+
+    def active(self, masks: Masks | None = None) -> dict[str, int]:
+        """Active positions of every mask (``ctx.masks`` by default), over all pieces."""
+        return total_counts(self.masks if masks is None else masks, self.shards)
 
 
 class SparsityMethod:

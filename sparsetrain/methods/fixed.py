@@ -45,13 +45,17 @@ class FixedMasks(SparsityMethod):
     def init_masks(self, ctx: SparsityContext) -> Masks | None:
         if self.masks is None:
             return None
-        if list(self.masks) != list(ctx.params) or any(self.masks[n].shape != p.shape for n, p in ctx.params.items()):
+        shapes = ctx.shapes
+        if list(self.masks) != list(shapes) or any(tuple(self.masks[n].shape) != s for n, s in shapes.items()):
             raise SparsityConfigError(
                 f"FixedMasks has masks for {[(n, tuple(m.shape)) for n, m in self.masks.items()][:4]}... but the "
-                f"callback's targets are {[(n, tuple(p.shape)) for n, p in ctx.params.items()][:4]}...; use the same "
+                f"callback's targets are {list(shapes.items())[:4]}...; use the same "
                 "model and the same include/exclude/dense_first/dense_last as when the masks were made"
             )
-        return dict(self.masks)
+        if ctx.shards is None:
+            return dict(self.masks)
+        pieces = ctx.shards.pieces  # under FSDP2 each rank keeps the rows of its shard
+        return {n: m[pieces[n].start : pieces[n].stop] for n, m in self.masks.items()}
 
     def hparams(self) -> dict:
         """Nothing to compare on resume: the masks are data, and the checkpoint's masks win."""

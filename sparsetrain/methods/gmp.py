@@ -120,7 +120,7 @@ class GMP(SparsityMethod):
 
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)
-        masks = self._budget_at(step).masks(scores, self.target_sparsity(step))
+        masks = self._budget_at(step).masks(scores, self.target_sparsity(step), ctx.shards)
         if ctx.masks is not None:  # never revive a pruned weight (the target can dip, e.g. on a longer resumed run)
             masks = {n: m & ctx.masks[n] for n, m in masks.items()}
         return masks

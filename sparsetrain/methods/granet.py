@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget, counts_from_densities
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores, topk_masks
-from sparsetrain.core.regrowth import drop_and_grow, drop_count
+from sparsetrain.core.regrowth import drop_and_grow_layers, drop_count
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, cosine_decay, scheduled_sparsity
 from sparsetrain.core.validation import check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
@@ -138,7 +140,7 @@ class GraNet(SparsityMethod):
     def init_masks(self, ctx: SparsityContext) -> Masks:
         if self.initial_density == 1.0:
             return {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.params.items()}
-        return self.budget.masks(random_scores(ctx.params, ctx.generator), self.initial_sparsity)
+        return self.budget.masks(random_scores(ctx.params, ctx.generator, ctx.shards), self.initial_sparsity, ctx.shards)
 
     def is_update_step(self, step: int) -> bool:
         return super().is_update_step(step) or (self._regrowth_steps is not None and self._regrowth_steps.is_update_step(step))
@@ -150,21 +152,22 @@ class GraNet(SparsityMethod):
         """Keep ``keep`` active weights by magnitude: one threshold, or the same fraction in every layer."""
         scores = magnitude_scores(ctx.params, ctx.masks)
         if self.pruning == "global":
-            return global_topk_masks(scores, keep)
-        active = {n: int(m.sum()) for n, m in ctx.masks.items()}
+            return global_topk_masks(scores, keep, ctx.shards)
+        active = ctx.active()
         share = keep / max(sum(active.values()), 1)
-        shapes = {n: tuple(p.shape) for n, p in ctx.params.items()}
-        return topk_masks(scores, counts_from_densities(shapes, {n: active[n] * share / p.numel() for n, p in ctx.params.items()}))
+        shapes = ctx.shapes
+        densities = {n: active[n] * share / math.prod(s) for n, s in shapes.items()}
+        return topk_masks(scores, counts_from_densities(shapes, densities), ctx.shards)
 
     @torch.no_grad()
     def final_masks(self, ctx: SparsityContext) -> Masks:
-        return self._prune(ctx, round((1.0 - self.sparsity) * sum(p.numel() for p in ctx.params.values())))
+        return self._prune(ctx, round((1.0 - self.sparsity) * sum(math.prod(s) for s in ctx.shapes.values())))
 
     @torch.no_grad()
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks:
         masks = ctx.masks
-        total = sum(p.numel() for p in ctx.params.values())
-        active = sum(int(m.sum()) for m in masks.values())
+        total = sum(math.prod(s) for s in ctx.shapes.values())
+        active = sum(ctx.active().values())
         keep = round((1.0 - self.target_sparsity(step)) * total)
         if keep < active:
             masks = self._prune(ctx, keep)
@@ -177,7 +180,10 @@ class GraNet(SparsityMethod):
                 counts.append(drop_count(n_active, fraction, "ceil"))
                 return counts[-1]
 
-            masks = {n: drop_and_grow(m, ctx.params[n], grads[n], k_of) if n in grads else m for n, m in masks.items()}
+            moving = [n for n in masks if n in grads]
+            grown = drop_and_grow_layers({n: masks[n] for n in moving}, {n: ctx.params[n] for n in moving},
+                                         {n: grads[n] for n in moving}, k_of, shards=ctx.shards)
+            masks = {**masks, **grown}
         self.last_metrics = {
             "granet/regrowth_fraction": fraction,
             "granet/regrown": float(sum(counts)),

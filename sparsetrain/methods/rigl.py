@@ -9,7 +9,7 @@ from torch import Tensor
 
 from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
 from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
-from sparsetrain.core.regrowth import drop_and_grow, drop_count
+from sparsetrain.core.regrowth import drop_and_grow_layers, drop_count
 from sparsetrain.core.schedules import UpdateSchedule, cosine_decay
 from sparsetrain.core.validation import check_bool, check_choice, check_number, check_sparsity
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
@@ -122,8 +122,8 @@ class RigL(SparsityMethod):
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        scores = random_scores(ctx.params, ctx.generator) if self.init == "random" else magnitude_scores(ctx.params)
-        return self.budget.masks(scores, self.sparsity)
+        scores = random_scores(ctx.params, ctx.generator, ctx.shards) if self.init == "random" else magnitude_scores(ctx.params)
+        return self.budget.masks(scores, self.sparsity, ctx.shards)
 
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step)
@@ -163,12 +163,16 @@ class RigL(SparsityMethod):
             return counts[-1]
 
         new = dict(ctx.masks)
-        structured = set(self.budget.split({n: tuple(p.shape) for n, p in ctx.params.items()})[0])
-        group_size = self.budget.nm.m if structured else None
+        structured = set(self.budget.split(ctx.shapes)[0])
         if fraction > 0:
-            for name, mask in ctx.masks.items():
-                if self.moves(ctx, name, grads):
-                    grow = self.grow_scores(ctx, name, grads)
-                    new[name] = drop_and_grow(mask, ctx.params[name], grow, k_of, group_size if name in structured else None)
+            moving = [n for n in ctx.masks if self.moves(ctx, n, grads)]
+            new.update(drop_and_grow_layers(
+                {n: ctx.masks[n] for n in moving},
+                {n: ctx.params[n] for n in moving},
+                {n: self.grow_scores(ctx, n, grads) for n in moving},
+                k_of,
+                {n: self.budget.nm.m if n in structured else None for n in moving},
+                ctx.shards,
+            ))
         self.last_metrics = {f"{self.prefix}/drop_fraction": fraction, f"{self.prefix}/regrown": float(sum(counts))}
         return new

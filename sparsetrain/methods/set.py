@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from sparsetrain.core.masks import random_scores
 
 from sparsetrain.methods.base import SparsityContext
 from sparsetrain.methods.rigl import RigL
@@ -32,5 +33,4 @@ class SET(RigL):
         return ctx.trains(name)
 
     def grow_scores(self, ctx: SparsityContext, name: str, grads: dict[str, Tensor] | None) -> Tensor:
-        p = ctx.params[name]
-        return torch.rand(p.shape, generator=ctx.generator).to(p.device)
+        return random_scores({name: ctx.params[name]}, ctx.generator, ctx.shards)[name]

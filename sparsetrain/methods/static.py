@@ -42,4 +42,4 @@ class Static(SparsityMethod):
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        return self.budget.masks(random_scores(ctx.params, ctx.generator), self.sparsity)
+        return self.budget.masks(random_scores(ctx.params, ctx.generator, ctx.shards), self.sparsity, ctx.shards)
