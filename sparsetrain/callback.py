@@ -7,6 +7,7 @@ import logging
 import math
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -200,6 +201,7 @@ class SparsityCallback(Callback):
         self._shards: Shards | None = None  # FSDP2: where each target's local piece lies (core/shards.py)
         self._deferred = False  # masks wait for on_train_start: the strategy restores the checkpoint after on_fit_start
         self._ckpt_path = None
+        self._previous: dict[str, Tensor] = {}  # the targets of the previous fit, while the masks wait (deferred)
 
     @property
     @override
@@ -271,9 +273,11 @@ class SparsityCallback(Callback):
         self._reapply_every_step = self.reapply == "always" or not all(
             keeps_masked_weights_zero(opt) for opt in trainer.optimizers
         )
-        self._deferred = trainer.ckpt_path is not None and getattr(trainer.strategy, "restore_checkpoint_after_setup", False)
-        if self._deferred:  # FSDP2 (ModelParallelStrategy): weights and callback state are restored after this hook
-            self.masks = None
+        # ModelParallelStrategy (FSDP2), FSDPStrategy, DeepSpeed restore a checkpoint's weights and callback state
+        # only after this hook (and trainer.ckpt_path is set then): the masks wait for on_train_start
+        self._deferred = getattr(trainer.strategy, "restore_checkpoint_after_setup", False)
+        if self._deferred:
+            self._previous = previous
             return
         self._begin(trainer, previous)
 
@@ -281,7 +285,9 @@ class SparsityCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred:
             self._deferred = False
-            self._begin(trainer, {})
+            self._ckpt_path = trainer.ckpt_path
+            self._begin(trainer, self._previous)
+            self._previous = {}
 
     def _begin(self, trainer: pl.Trainer, previous: dict[str, Tensor]) -> None:
         """Masks of this fit: the checkpoint's, the previous fit's (same model), or new ones from the method."""
@@ -811,3 +817,35 @@ def _sharding(trainer: pl.Trainer, targets: dict[str, Tensor], method: SparsityM
             "Allowed under FSDP2: Static, GMP, RigL, SET, GraNet, FixedMasks (lottery tickets); or train with DDP"
         )
     return shards
+
+
+def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
+    """One Lightning checkpoint file from a distributed (sharded) checkpoint folder, masks included.
+
+    ``folder``: what ``ModelParallelStrategy`` wrote (``save_distributed_checkpoint=True``). The file holds the
+    full weights, every ``SparsityCallback``'s whole masks in its state (as a single-device run writes them),
+    and the optimizer states keyed by parameter index, so a single-device or DDP ``Trainer`` resumes from it
+    (``trainer.fit(model, ckpt_path=output)``), and ``trainer.test``/``LightningModule.load_from_checkpoint``
+    load it. Reads the whole checkpoint into CPU memory (as ``lightning.pytorch.utilities.consolidate_checkpoint``).
+    """
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    checkpoint = _load_distributed_checkpoint(Path(folder))
+    weights = checkpoint["state_dict"]
+    for state_key, state in checkpoint.get("callbacks", {}).items():
+        if isinstance(state, dict) and state.get("sharded"):
+            keys = {n: f"{MASK_PREFIX}{state_key}.{n}" for n in state["targets"]}
+            state["masks"] = {n: unpack_rows(weights.pop(k), tuple(weights[n].shape)) for n, k in keys.items()}
+            state["sharded"] = False
+    names = sorted((k for k in checkpoint if k.startswith("optimizer_") and k[10:].isdigit()), key=lambda k: int(k[10:]))
+    if names:  # torch.distributed.checkpoint keys optimizer state by parameter name; torch.optim by index
+        checkpoint["optimizer_states"] = []
+        for name in names:
+            optimizer = checkpoint.pop(name)
+            order = {fqn: i for i, fqn in enumerate(p for g in optimizer["param_groups"] for p in g["params"])}
+            optimizer["state"] = {order[fqn]: v for fqn, v in optimizer["state"].items()}
+            for group in optimizer["param_groups"]:
+                group["params"] = [order[fqn] for fqn in group["params"]]
+            checkpoint["optimizer_states"].append(optimizer)
+    torch.save(checkpoint, output)
+    return Path(output)

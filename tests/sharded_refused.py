@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard`` in ``configure_model``) through Lightning's ModelParallelStrategy, one CPU process.
 
-Usage: ``python tests/sharded_refused.py``: exits with the callback's error at fit start. Run as a
-subprocess by tests/test_sharded.py (the strategy initialises a process group)."""
+Usage: ``python tests/sharded_refused.py METHOD``: a method that swaps weights at every forward (``annealing``,
+``srste``) exits with the callback's error at fit start. Run as a subprocess by tests/test_sharded.py (the strategy
+initialises a process group)."""
 
 import sys
 from pathlib import Path
@@ -39,6 +40,6 @@ if __name__ == "__main__":
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        callbacks=[SparsityCallback("gmp", sparsity=0.5, end=2, every=1)])
+                        callbacks=[SparsityCallback(sys.argv[1], sparsity=0.5, end=2)])
     trainer.fit(ShardedNet(), random_loader())
     print("TRAINED")

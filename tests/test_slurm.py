@@ -68,10 +68,11 @@ def test_trainer_takes_devices_and_nodes_from_the_launcher(hydra_cfg, name):
     if name == "slurm_ddp":
         assert cfg.trainer.strategy == "ddp" and cfg.trainer.sync_batchnorm
     else:
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = instantiate(cfg.trainer.strategy)
-        assert isinstance(strategy, FSDPStrategy) and cfg.trainer.precision == "bf16-mixed"
+        assert isinstance(strategy, ModelParallelStrategy) and cfg.trainer.precision == "bf16-mixed"
+        assert strategy._tensor_parallel_size == 1 and strategy._save_distributed_checkpoint
 
 
 @needs_submitit

@@ -61,6 +61,20 @@ class ClassificationModule(pl.LightningModule):
             MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
         )
 
+    def configure_model(self):
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp``): FSDP2, one ``fully_shard`` unit per Conv/Linear
+        (the weights sparsetrain prunes) and one for the rest; nothing under other strategies."""
+        if self.device_mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for module in self.net.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+        self._sharded = True
+
     def forward(self, x):
         return self.net(x)
 

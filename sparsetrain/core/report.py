@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-from sparsetrain.core.shards import Shards, full_shapes, local
+from sparsetrain.core.shards import DTensor, Shards, full_shapes, local
 
 
 @dataclass
@@ -73,10 +73,16 @@ def sparsity_report(params: Mapping[str, Tensor], shards: Shards | None = None) 
 
     ``shards``: the tensors are this rank's pieces of sharded targets (DTensors or their local
     parts): zeros are counted in every piece and summed over the ranks (one all-reduce, so every
-    rank must call it), sizes are those of the whole tensors.
+    rank must call it), sizes are those of the whole tensors. DTensors without ``shards`` are described
+    with :meth:`Shards.of <sparsetrain.core.shards.Shards.of>` (e.g. ``model.named_parameters()`` under FSDP2).
     """
     if not params:
         return SparsityReport({})
+    if shards is None and any(isinstance(p, DTensor) for p in params.values()):
+        sharded = {n: p for n, p in params.items() if isinstance(p, DTensor)}  # plain ones are whole (e.g. the
+        report = sparsity_report(sharded, Shards.of(sharded))  # root unit's unsharded parameters after a forward)
+        whole = sparsity_report({n: p for n, p in params.items() if n not in sharded})
+        return SparsityReport({n: (report.layers.get(n) or whole.layers[n]) for n in params})
     zeros = torch.stack([(local(p) == 0).sum() for p in params.values()]).long()
     if shards is not None:
         zeros = shards.sum(zeros)

@@ -58,7 +58,7 @@ class Piece:
 class Shards:
     """The layout of every sharded target, and the process group that holds the other pieces.
 
-    ``bytes_sent`` counts what this rank has put into collectives (for the benchmarks).
+    ``bytes_sent`` and ``collectives`` count what this rank has put into collectives (for the benchmarks).
     """
 
     def __init__(self, pieces: Mapping[str, Piece], group=None):
@@ -67,6 +67,7 @@ class Shards:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.bytes_sent = 0
+        self.collectives = 0
 
     @classmethod
     def of(cls, params: Mapping[str, Tensor]) -> Shards | None:
@@ -84,7 +85,7 @@ class Shards:
                 f"targets {plain[:4]} are plain tensors while {list(sharded)[:2]} are sharded (DTensor): fully_shard every "
                 "module that holds a target, or the root module after the others, so that every target is sharded"
             )
-        meshes = {id(p.device_mesh) for p in sharded.values()}
+        meshes = {(p.device_mesh.device_type, tuple(p.device_mesh.mesh.flatten().tolist())) for p in sharded.values()}
         for n, p in sharded.items():
             if p.device_mesh.ndim != 1 or tuple(p.placements) != (_ShardPlacement(0),):
                 raise SparsityConfigError(
@@ -93,7 +94,9 @@ class Shards:
                     "(ModelParallelStrategy(tensor_parallel_size=1) with fully_shard; no tensor parallelism or HSDP yet)"
                 )
         if len(meshes) > 1:
-            raise SparsityConfigError(f"targets are sharded over {len(meshes)} different device meshes; use one mesh")
+            raise SparsityConfigError(
+                f"targets are sharded over {len(meshes)} different device meshes {sorted(meshes)}; shard every target over one mesh"
+            )
         pieces = {}
         for n, p in sharded.items():
             shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
@@ -106,12 +109,14 @@ class Shards:
     def sum(self, values: Tensor) -> Tensor:
         """``values`` summed over the ranks, in place (one all-reduce)."""
         self.bytes_sent += values.numel() * values.element_size()
+        self.collectives += 1
         dist.all_reduce(values, group=self.group)
         return values
 
     def gather(self, values: Tensor) -> Tensor:
         """``(world, *values.shape)``: every rank's ``values``, in rank order (one all-gather)."""
         self.bytes_sent += values.numel() * values.element_size()
+        self.collectives += 1
         out = [torch.empty_like(values) for _ in range(self.world)]
         dist.all_gather(out, values.contiguous(), group=self.group)
         return torch.stack(out)
