@@ -164,6 +164,15 @@ def main():
             u = r["updates"][label]
             alt = "-" if w == 1 else f"{human(4 * total / w)} sent, {human(4 * total * (w - 1) / w)} received"
             lines.append(f"| {label} | {w} | {human(u['sent'])} | {u['calls']} | {alt} | {u['ms']:.0f} ms |")
+    lines += ["", "Summary (the README's table):", "",
+              "| W | masks per rank (bool / bit-packed in checkpoints) | sent per update: GMP per-layer / global / RigL "
+              "| instead, gathering the fp32 scores: sent per rank |", "|---|---|---|---|"]
+    for w, r in runs.items():
+        u = r["updates"]
+        sent = " / ".join(human(u[k]["sent"]) for k in ("GMP per-layer top-k (90 %)", "GMP global threshold (90 %)",
+                                                         "RigL drop/grow (ERK 90 %)"))
+        lines.append(f"| {w} | {human(r['mask_bytes'])} / {human(r['packed_bytes'])} | {sent} | "
+                     f"{'-' if w == 1 else human(4 * total / w)} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_sharded.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -10,10 +10,14 @@ For a model with ``L`` targets holding ``P`` prunable weights on ``W`` ranks:
 * mask memory per rank: replicated (every rank holds every mask, as under DDP today) ``P`` bytes
   as ``bool`` (1 B per weight), ``P / 8`` bit-packed; sharded (each rank holds the masks of its
   shard of the weights, as FSDP shards the weights) ``P / W`` and ``P / (8 W)``;
-* global top-k by a distributed threshold search: about 32 rounds (a bisection over the 32 bits of
-  a float32 score), each one all-reduce of ``L`` int64 counts: ``32 * L * 8`` bytes per update, 32
-  latency-bound collectives, whatever ``W``; against an all-gather of the full weights
-  (``2 P (W - 1) / W`` bytes received per rank in bf16);
+* a selection by the distributed threshold search of ``sparsetrain.core.select`` (what is
+  implemented: a radix select over the 32 bits of a float32 score, 8 bits per round): 4 rounds,
+  each one all-reduce of a ``G x 256`` int64 histogram (``G`` groups: 1 for a global threshold,
+  ``L`` for per-layer top-k), then one all-gather of ``L`` int64 tie counts. Sent per rank:
+  ``4 * G * 256 * 8 + 8 L`` bytes; received by the all-gather ``8 L W``. A global top-k is
+  ``8 KiB + 8 L``; a per-layer one ``8 KiB * L + 8 L``; RigL's drop and grow are two per-layer
+  selections plus one all-reduce of ``8 L`` bytes of counts. Against an all-gather of the full
+  weights (``2 P (W - 1) / W`` bytes received per rank in bf16);
 * mask agreement check (``sparsetrain.core.fingerprint``): one all-reduce of ``2 L`` int64 (``16 L``
   bytes), against an all-gather of every rank's ``2 L`` int64 (``16 L W`` bytes received per rank);
 * checkpoint: the masks add ``P`` bytes as ``bool`` (``P / 8`` bit-packed), sharded or not; for
@@ -32,7 +36,7 @@ MODELS = {  # name: (targets L, prunable weights P)
     "Llama-2 70B": (561, 68.7e9),
 }
 WORLD_SIZES = (64, 128, 256, 512, 1024)
-ROUNDS = 32  # threshold-search rounds per global top-k
+ROUNDS, BINS = 4, 256  # radix select: 8 bits per round (sparsetrain.core.select)
 TRAIN_STATE_BYTES = 14  # per weight: bf16 weight + fp32 master + 2 fp32 Adam moments
 
 
@@ -43,7 +47,9 @@ def costs(targets: int, weights: float, world: int) -> dict[str, float]:
         "replicated_packed": weights / 8,
         "sharded_bool": weights / world,
         "sharded_packed": weights / (8 * world),
-        "search": ROUNDS * targets * 8,
+        "search_global": ROUNDS * BINS * 8 + 8 * targets,
+        "search_layers": ROUNDS * BINS * 8 * targets + 8 * targets,
+        "ties_received": 8 * targets * world,
         "gather_weights": 2 * weights * (world - 1) / world,
         "check": 16 * targets,
         "check_gather": 16 * targets * world,
@@ -84,16 +90,18 @@ def table() -> str:
         "",
         "## Communication per mask update (independent of W except where noted)",
         "",
-        "| model | global top-k by threshold search (32 L x 8 B, 32 all-reduces) | instead: all-gather of the "
+        "| model | global top-k, sent (4 x 256 x 8 B + 8 L, 4 all-reduces + 1 all-gather) | per-layer top-k, sent "
+        "(4 x 256 x 8 L + 8 L) | tie counts received (8 L W, W = 64 / 1024) | instead: all-gather of the "
         "full bf16 weights, received per rank (2P(W-1)/W, W = 1024) | agreement check (one all-reduce of 16 L B) "
         "| instead: all-gather of the hashes, received per rank (16 L W, W = 64 / 1024) |",
-        "|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, (targets, weights) in MODELS.items():
         c64, c1024 = costs(targets, weights, 64), costs(targets, weights, 1024)
         lines.append(
-            f"| {name} | {human(c1024['search'])} | {human(c1024['gather_weights'])} | {human(c1024['check'])} "
-            f"| {human(c64['check_gather'])} / {human(c1024['check_gather'])} |"
+            f"| {name} | {human(c1024['search_global'])} | {human(c1024['search_layers'])} "
+            f"| {human(c64['ties_received'])} / {human(c1024['ties_received'])} | {human(c1024['gather_weights'])} "
+            f"| {human(c1024['check'])} | {human(c64['check_gather'])} / {human(c1024['check_gather'])} |"
         )
     lines += [
         "",

@@ -85,6 +85,14 @@ class SparsityCallback(Callback):
     gradients and identical weights with an identically seeded generator; after every update
     the callback checks that the masks agree on every rank and raises if they do not.
 
+    Sharded parameters: under FSDP2 (``fully_shard`` in ``configure_model()``, Lightning's
+    ``ModelParallelStrategy``) every rank keeps the masks of its own rows of each weight and applies
+    them to its pieces of the weights, gradients and optimizer state; counts, per-layer top-k and the
+    global threshold are over the whole tensors (a few small collectives, no weights gathered), and
+    the masks are bitwise those of an unsharded run. ``sparsity_report()`` is then a collective (call
+    it on every rank). Masks are checkpointed with the sharded weights, bit-packed; see
+    :func:`consolidate_checkpoint` and docs/distributed.md for what is supported.
+
     Steps, several optimizers, unknown length. A step is one optimizer step, every optimizer
     counted (Lightning's ``trainer.global_step``): with manual optimization and two optimizers
     (a GAN) a batch makes two steps. Every step is seen, also when a batch makes several: the
@@ -542,7 +550,8 @@ class SparsityCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()
         self._remove_hooks()
-        report = self._short_of_target() if isinstance(exception, KeyboardInterrupt) else None
+        # no count under sharding: it is a collective, and the other ranks may be gone
+        report = self._short_of_target() if isinstance(exception, KeyboardInterrupt) and self._shards is None else None
         if report is not None:
             rank_zero_warn(
                 f"SparsityCallback: interrupted at step {self.step} at {report.global_sparsity:.2%} "

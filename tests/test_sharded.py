@@ -158,3 +158,15 @@ def test_fsdp2_app_run_is_exactly_sparse_and_resumes_from_its_folder_checkpoint(
     run(*common, "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'b'}")
     resumed = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert resumed["steps"] == 30 and resumed["nonzero_weights"] == 6_544
+
+
+def test_layouts_other_than_fsdp2_dim0_shards_fail_with_a_message():
+    """Tensor parallelism (Shard(1)), replicated DTensors and a mix of sharded and plain targets are refused,
+    naming the target and its placements; FSDP2's (Shard(0),) is described by its rows."""
+    done = run(HERE / "shard_layouts.py", timeout=120)
+    lines = dict(line.split(": ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["replicate"].startswith("target fc.weight is a DTensor with placements=(Replicate(),)")
+    assert lines["shard_dim1"].startswith("target fc.weight is a DTensor with placements=(Shard(dim=1),)")
+    assert "placements=(Shard(dim=0),) on a 1-D mesh" in lines["shard_dim1"]
+    assert lines["mixed"].startswith("targets ['head.weight'] are plain tensors while ['fc.weight'] are sharded")
+    assert lines["shard0"] == "Piece(shape=(6, 8), start=0, stop=6) world=1" and lines["plain"] == "None"

@@ -50,8 +50,10 @@ def select(
     ``counts``: how many to keep in each group, over all pieces. Ties: lowest flat index first, in
     group order (module docstring).
     """
+    if not scores:  # every rank has the same layers: all return here, no collective is left waiting
+        return []
     keys = [order_keys(s) for s in scores]
-    device = scores[0].device if scores else torch.device("cpu")
+    device = scores[0].device
     n_groups, parts = len(groups), 1 << BITS
     k = torch.tensor(list(counts), dtype=torch.int64)
     lo = torch.full((n_groups,), -(1 << 31), dtype=torch.int64)  # count(key >= lo) >= k
@@ -89,7 +91,7 @@ def select(
         for i in layers:
             threshold[i] = int(lo[g])
     equal = [keys[i] == threshold[i] for i in range(len(keys))]
-    tie_counts = torch.stack([e.sum() for e in equal]).long() if keys else torch.zeros(0, dtype=torch.int64)
+    tie_counts = torch.stack([e.sum() for e in equal]).long()
     ties = (shards.gather(tie_counts) if shards is not None else tie_counts.unsqueeze(0)).cpu()
     rank = 0 if shards is None else shards.rank
     masks: list[Tensor | None] = [None] * len(keys)
