@@ -7,7 +7,6 @@ import logging
 import math
 import zlib
 from collections.abc import Sequence
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -22,6 +21,7 @@ from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.shards import Shards, local, pack_rows, total_counts, unpack_rows
+from sparsetrain.sharded_checkpoint import MASK_PREFIX
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
 from sparsetrain.core.targets import select_targets
 from sparsetrain.core.validation import check_choice, check_int
@@ -29,7 +29,6 @@ from sparsetrain.methods import method_from_name
 from sparsetrain.methods.base import SparsityContext, SparsityMethod
 
 CONFIG_CHANGES = ("error", "continue")
-MASK_PREFIX = "_sparsetrain."  # keys of the sharded masks in a distributed checkpoint's state_dict
 FINALIZE = ("warn", "prune")
 
 log = logging.getLogger(__name__)
@@ -91,7 +90,7 @@ class SparsityCallback(Callback):
     global threshold are over the whole tensors (a few small collectives, no weights gathered), and
     the masks are bitwise those of an unsharded run. ``sparsity_report()`` is then a collective (call
     it on every rank). Masks are checkpointed with the sharded weights, bit-packed; see
-    :func:`consolidate_checkpoint` and docs/distributed.md for what is supported.
+    :func:`sparsetrain.consolidate_checkpoint` and docs/distributed.md for what is supported.
 
     Steps, several optimizers, unknown length. A step is one optimizer step, every optimizer
     counted (Lightning's ``trainer.global_step``): with manual optimization and two optimizers
@@ -720,7 +719,7 @@ class SparsityCallback(Callback):
             import torch.distributed.checkpoint as dcp
 
             templates = {
-                self._mask_key(n): self._packed_dtensor(n, torch.zeros_like(pack_rows(torch.zeros_like(local(p), dtype=torch.bool))))
+                self._mask_key(n): self._packed_dtensor(n, pack_rows(torch.zeros_like(local(p), dtype=torch.bool)))
                 for n, p in self.targets.items()
             }
             dcp.load({"state_dict": templates}, checkpoint_id=self._ckpt_path)
@@ -827,34 +826,3 @@ def _sharding(trainer: pl.Trainer, targets: dict[str, Tensor], method: SparsityM
         )
     return shards
 
-
-def consolidate_checkpoint(folder: str | Path, output: str | Path) -> Path:
-    """One Lightning checkpoint file from a distributed (sharded) checkpoint folder, masks included.
-
-    ``folder``: what ``ModelParallelStrategy`` wrote (``save_distributed_checkpoint=True``). The file holds the
-    full weights, every ``SparsityCallback``'s whole masks in its state (as a single-device run writes them),
-    and the optimizer states keyed by parameter index, so a single-device or DDP ``Trainer`` resumes from it
-    (``trainer.fit(model, ckpt_path=output)``), and ``trainer.test``/``LightningModule.load_from_checkpoint``
-    load it. Reads the whole checkpoint into CPU memory (as ``lightning.pytorch.utilities.consolidate_checkpoint``).
-    """
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-    checkpoint = _load_distributed_checkpoint(Path(folder))
-    weights = checkpoint["state_dict"]
-    for state_key, state in checkpoint.get("callbacks", {}).items():
-        if isinstance(state, dict) and state.get("sharded"):
-            keys = {n: f"{MASK_PREFIX}{state_key}.{n}" for n in state["targets"]}
-            state["masks"] = {n: unpack_rows(weights.pop(k), tuple(weights[n].shape)) for n, k in keys.items()}
-            state["sharded"] = False
-    names = sorted((k for k in checkpoint if k.startswith("optimizer_") and k[10:].isdigit()), key=lambda k: int(k[10:]))
-    if names:  # torch.distributed.checkpoint keys optimizer state by parameter name; torch.optim by index
-        checkpoint["optimizer_states"] = []
-        for name in names:
-            optimizer = checkpoint.pop(name)
-            order = {fqn: i for i, fqn in enumerate(p for g in optimizer["param_groups"] for p in g["params"])}
-            optimizer["state"] = {order[fqn]: v for fqn, v in optimizer["state"].items()}
-            for group in optimizer["param_groups"]:
-                group["params"] = [order[fqn] for fqn in group["params"]]
-            checkpoint["optimizer_states"].append(optimizer)
-    torch.save(checkpoint, output)
-    return Path(output)

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,7 +44,6 @@ def make_method(name: str):
         "granet": lambda: GraNet(0.8, initial_density=0.5, every=2, start=0, end=8, regrowth_end=10),
         "fixed": lambda: FixedMasks(fixed),
         "rigl_2to4": lambda: RigL(0.5, "uniform", every=2, end=10, structure="2:4"),
-        "annealing": lambda: __import__("sparsetrain.methods", fromlist=["StochasticAnnealing"]).StochasticAnnealing(0.8),
     }[name]()
 
 
@@ -123,8 +123,8 @@ def main(method_name: str, out: Path, file: bool):
             "mask_bytes_full": sum(m.numel() for m in masks_a.values()),
             "checkpoint": sorted(p.name for p in (out / "ckpt").iterdir()),
             "half_is_folder": half.is_dir(),
-            "mask_keys": sorted(k for k in (__import__("torch.distributed.checkpoint", fromlist=["x"]).FileSystemReader(half)
-                                            .read_metadata().state_dict_metadata) if "_sparsetrain" in k) if half.is_dir() else [],
+            "mask_keys": sorted(k for k in FileSystemReader(half).read_metadata().state_dict_metadata
+                                if "_sparsetrain" in k) if half.is_dir() else [],
         }
         (out / "result.json").write_text(json.dumps(result, indent=1))
 
