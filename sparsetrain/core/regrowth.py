@@ -93,38 +93,47 @@ def drop_and_grow_layers(
     for n in names:
         if not 0 <= ks[n] <= n_active[n]:
             raise ValueError(f"k={ks[n]} must lie in [0, {n_active[n]}] (the number of active positions of {n})")
-    flat = {n: masks[n].reshape(-1) for n in names}
-    active = {n: flat[n].nonzero().squeeze(1) for n in names}
-    # drop: keep the n - k largest |drop score| among the active positions (read there only: ~1/density cheaper)
-    picked = select([_score(drop_scores[n])[active[n]] for n in names], [[i] for i in range(len(names))],
-                    [n_active[n] - ks[n] for n in names], shards)
-    kept = {}
-    for n, p in zip(names, picked):
-        kept[n] = torch.zeros_like(flat[n]).scatter_(0, active[n][p], True)
+    kept = _keep_largest_active(masks, drop_scores, {n: n_active[n] - ks[n] for n in names}, shards)  # the drop
     sizes = group_sizes or {}
-    free = [n for n in names if sizes.get(n) is None]
-    grown = select([_score(grow_scores[n]).masked_fill_(kept[n], float("-inf")) for n in free],
-                   [[i] for i in range(len(free))], [ks[n] for n in free], shards)
-    for n, g in zip(free, grown):
-        kept[n] |= g
+    _grow_({n: kept[n] for n in names if sizes.get(n) is None}, grow_scores, ks, shards)
     for n in names:
         if sizes.get(n) is not None:
-            _refill_groups_(kept[n], flat[n], grow_scores[n], sizes[n])
+            _refill_groups_(kept[n], masks[n].reshape(-1), grow_scores[n], sizes[n])
     return {n: kept[n].view(masks[n].shape) for n in names}
+
+
+def _keep_largest_active(
+    masks: Mapping[str, Tensor], scores: Mapping[str, Tensor], keep: Mapping[str, int], shards: Shards | None
+) -> dict[str, Tensor]:
+    """Flat masks holding, of each mask's active positions, the ``keep[n]`` of largest ``|scores|`` (the scores
+    are read at the active positions only: ~1/density cheaper than a pass over all of them)."""
+    flat = {n: m.reshape(-1) for n, m in masks.items()}
+    active = {n: f.nonzero().squeeze(1) for n, f in flat.items()}
+    names = list(masks)
+    picked = select([_score(scores[n])[active[n]] for n in names], [[i] for i in range(len(names))],
+                    [keep[n] for n in names], shards)
+    return {n: torch.zeros_like(flat[n]).scatter_(0, active[n][p], True) for n, p in zip(names, picked)}
+
+
+def _grow_(flat: dict[str, Tensor], scores: Mapping[str, Tensor], k: Mapping[str, int], shards: Shards | None) -> None:
+    """Set, in every flat mask of ``flat``, its ``k[n]`` inactive positions of largest ``|scores|``."""
+    names = list(flat)
+    grown = select([_score(scores[n]).masked_fill_(flat[n], float("-inf")) for n in names],
+                   [[i] for i in range(len(names))], [k[n] for n in names], shards)
+    for n, g in zip(names, grown):
+        flat[n] |= g
 
 
 def drop_smallest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     """``mask`` without its ``k`` active positions of smallest ``|scores|`` (a new tensor)."""
-    flat = mask.reshape(-1)
-    active = flat.nonzero().squeeze(1)
-    kept = select([_score(scores)[active]], [[0]], [active.numel() - k])[0]
-    return torch.zeros_like(flat).scatter_(0, active[kept], True).view(mask.shape)
+    return _keep_largest_active({"": mask}, {"": scores}, {"": int(mask.sum()) - k}, None)[""].view(mask.shape)
 
 
 def grow_largest(mask: Tensor, scores: Tensor, k: int) -> Tensor:
     """``mask`` plus the ``k`` inactive positions of largest ``|scores|`` (a new tensor)."""
-    candidates = _score(scores).masked_fill_(mask.reshape(-1), float("-inf"))
-    return mask | select([candidates], [[0]], [k])[0].view(mask.shape)
+    out = {"": mask.reshape(-1).clone()}
+    _grow_(out, {"": scores}, {"": k}, None)
+    return out[""].view(mask.shape)
 
 
 def drop_and_grow(

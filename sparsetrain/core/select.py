@@ -51,10 +51,16 @@ def _layer_topk(keys: Tensor, k: int) -> Tensor:
     t = torch.topk(keys, k, sorted=False).values.min()
     keep = keys > t
     equal = keys == t
-    need = k - int(keep.sum())
-    if need < int(equal.sum()):
-        equal &= equal.cumsum(0) <= need
-    return keep | equal
+    return _with_first_ties(keep, equal, k - int(keep.sum()), int(equal.sum()))
+
+
+def _with_first_ties(keep: Tensor, equal: Tensor, take: int, ties: int) -> Tensor:
+    """``keep`` plus the first ``take`` of the ``ties`` positions in ``equal`` (flat index order)."""
+    if take == ties:
+        return keep | equal
+    if take:  # only where the cut falls: a cumsum
+        return keep | (equal & (equal.cumsum(0) <= take))
+    return keep
 
 
 def select(
@@ -122,11 +128,6 @@ def select(
         for i in layers:
             here = int(ties[rank, i])
             take = max(0, min(need[g] - before - int(ties[:rank, i].sum()), here))
-            keep = keys[i] > threshold[i]
-            if take == here:
-                keep |= equal[i]
-            elif take:  # only where the cut falls: keep the first `take` ties
-                keep |= equal[i] & (equal[i].cumsum(0) <= take)
-            masks[i] = keep.view(scores[i].shape)
+            masks[i] = _with_first_ties(keys[i] > threshold[i], equal[i], take, here).view(scores[i].shape)
             before += int(ties[:, i].sum())
     return masks
