@@ -207,7 +207,6 @@ class SparsityCallback(Callback):
         self._fit_trainer: int | None = None
         self._shards: Shards | None = None  # FSDP2: where each target's local piece lies (core/shards.py)
         self._deferred = False  # masks wait for on_train_start: the strategy restores the checkpoint after on_fit_start
-        self._ckpt_path = None
         self._previous: dict[str, Tensor] = {}  # the targets of the previous fit, while the masks wait (deferred)
 
     @property
@@ -276,7 +275,6 @@ class SparsityCallback(Callback):
         self.method.check(self._shapes())
         self._final = False
         self._grads, self._stepped = {}, {}
-        self._ckpt_path = trainer.ckpt_path
         self._reapply_every_step = self.reapply == "always" or not all(
             keeps_masked_weights_zero(opt) for opt in trainer.optimizers
         )
@@ -292,14 +290,13 @@ class SparsityCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._deferred:
             self._deferred = False
-            self._ckpt_path = trainer.ckpt_path
             self._begin(trainer, self._previous)
             self._previous = {}
 
     def _begin(self, trainer: pl.Trainer, previous: dict[str, Tensor]) -> None:
         """Masks of this fit: the checkpoint's, the previous fit's (same model), or new ones from the method."""
         if self._restored is not None:
-            self._load_restored(self._restored)
+            self._load_restored(self._restored, trainer.ckpt_path)
             self._restored = None
         elif self.masks is not None and list(previous) == list(self.targets) and all(
             previous[n] is p for n, p in self.targets.items()
@@ -529,8 +526,7 @@ class SparsityCallback(Callback):
                 raise SparsityConfigError(f"the checkpoint has masks for {missing[:4]}, which this model does not have")
             self.targets = {n: params[n] for n in names}
             self._shards = _sharding(trainer, self.targets, self.method)
-            self._ckpt_path = trainer.ckpt_path
-            self._load_restored(self._restored)
+            self._load_restored(self._restored, trainer.ckpt_path)
             self._restored = None
 
     @override
@@ -637,14 +633,14 @@ class SparsityCallback(Callback):
         """A 63-bit hash per mask, compared with one MAX all-reduce of ``[h, -h]``: O(layers) bytes, any world size.
 
         Sharded masks differ across ranks by design: then what every rank must share is compared instead, the
-        step, the seed and the generator's state (every random decision), and the per-layer counts.
+        step, the seed and the generator's state (every random decision). (Counts need no check: every rank
+        gets them from the same all-reduce.)
         """
         if trainer.world_size <= 1 or self.masks is None:
             return
         if self._shards is not None:
-            counts = list(total_counts(self.masks, self._shards).values())
             state = zlib.crc32(bytes(self.generator.get_state().numpy()))
-            shared = torch.tensor([self.step, self._seed or 0, state, *counts], dtype=torch.int64)
+            shared = torch.tensor([self.step, self._seed or 0, state], dtype=torch.int64)
             if compare_across_ranks(shared, trainer.strategy):
                 raise RuntimeError(
                     f"SparsityCallback: the ranks disagree at step {self.step} about the step, seed or generator state "
@@ -712,9 +708,8 @@ class SparsityCallback(Callback):
             packed = {n: d.full_tensor().cpu() for n, d in pieces.items()}
             checkpoint["callbacks"][self.state_key]["packed_masks"] = packed
 
-    def _restored_masks(self, state: dict) -> Masks | None:
+    def _restored_masks(self, state: dict, ckpt_path) -> Masks | None:
         """The checkpoint's masks as this rank holds them (its rows under FSDP2)."""
-        shapes = self._shapes()
         if state.get("sharded") and state.get("packed_masks") is None:  # pieces in the distributed checkpoint
             import torch.distributed.checkpoint as dcp
 
@@ -722,10 +717,11 @@ class SparsityCallback(Callback):
                 self._mask_key(n): self._packed_dtensor(n, pack_rows(torch.zeros_like(local(p), dtype=torch.bool)))
                 for n, p in self.targets.items()
             }
-            dcp.load({"state_dict": templates}, checkpoint_id=self._ckpt_path)
+            dcp.load({"state_dict": templates}, checkpoint_id=ckpt_path)
             return {n: unpack_rows(templates[self._mask_key(n)].to_local(), tuple(local(p).shape)) for n, p in self.targets.items()}
         masks = state["masks"]
         if state.get("packed_masks") is not None:
+            shapes = self._shapes()
             masks = {n: unpack_rows(b, shapes[n]) for n, b in state["packed_masks"].items()}
         if masks is not None and self._shards is not None:  # full masks: keep this rank's rows
             pieces = self._shards.pieces
@@ -746,18 +742,16 @@ class SparsityCallback(Callback):
         generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
         self.__dict__.update(state, generator=generator)
 
-    def _load_restored(self, state: dict) -> None:
+    def _load_restored(self, state: dict, ckpt_path) -> None:
         if state["method_name"] != type(self.method).__name__:
             raise SparsityConfigError(
                 f"the checkpoint was written by method {state['method_name']}, but this callback runs "
                 f"{type(self.method).__name__}; resume with the same method"
             )
-        masks = state["masks"]
-        if state.get("sharded") and list(state["targets"]) != list(self.targets):
-            masks = dict.fromkeys(state["targets"])  # named in the error below
-        if masks is not None and list(masks) != list(self.targets):
+        has_masks = state["masks"] is not None or state.get("sharded")
+        if has_masks and list(state["targets"]) != list(self.targets):
             raise SparsityConfigError(
-                f"the checkpoint has masks for targets {list(masks)[:4]}... but this model's targets are "
+                f"the checkpoint has masks for targets {list(state['targets'])[:4]}... but this model's targets are "
                 f"{list(self.targets)[:4]}...; resume with the same model and include/exclude settings"
             )
         saved, now = state.get("config") or {}, self._config()  # checkpoints before 0.2 hold no config
@@ -774,7 +768,7 @@ class SparsityCallback(Callback):
                     "from its masks with the new one"
                 )
             rank_zero_warn(f"SparsityCallback(on_config_change='continue'): resuming with a changed configuration ({changes})")
-        masks = self._restored_masks(state)
+        masks = self._restored_masks(state, ckpt_path)
         self.masks = None if masks is None else {n: m.to(local(self.targets[n]).device) for n, m in masks.items()}
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])

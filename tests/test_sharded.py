@@ -81,6 +81,7 @@ def test_fsdp2_single_file_checkpoint_holds_the_gathered_masks_and_resumes_exact
     r = fsdp_fit("rigl", tmp_path, "--file")
     assert not r["half_is_folder"] and r["mask_keys"] == []
     assert r["resume_equal_masks"] and r["resume_equal_weights"] and r["mask_kept"] == r["budget"]
+    assert r["zero_outside_masks"] and r["reported_zeros"] == r["zeros"]  # counted in the gathered weights
     state = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=False)["callbacks"]["SparsityCallback"]
     assert state["masks"] is None and state["sharded"]
     packed = state["packed_masks"]  # 1 bit per weight, whole tensors
@@ -115,6 +116,9 @@ def test_fsdp2_checkpoint_consolidates_into_one_file_that_a_single_device_traine
     assert all(torch.equal(seen["masks"][n], masks[n]) for n in masks)  # the sharded run's masks, whole
     assert callback.step == 12 and trainer.global_step == 12
     assert {n: int(m.sum()) for n, m in callback.masks.items()} == r["budget"]
+    weights = {n: p.detach() for n, p in trainer.lightning_module.named_parameters() if n in masks}
+    assert all(bool((weights[n][~callback.masks[n]] == 0).all()) for n in weights)  # the weights the model uses
+    assert callback.sparsity_report().zeros == sum(int((w == 0).sum()) for w in weights.values())
 
 
 @pytest.mark.slow

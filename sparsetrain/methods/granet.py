@@ -148,12 +148,12 @@ class GraNet(SparsityMethod):
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step) and self.regrowth_fraction_at(step) > 0
 
-    def _prune(self, ctx: SparsityContext, keep: int) -> Masks:
-        """Keep ``keep`` active weights by magnitude: one threshold, or the same fraction in every layer."""
+    def _prune(self, ctx: SparsityContext, keep: int, active: dict[str, int]) -> Masks:
+        """Keep ``keep`` active weights by magnitude: one threshold, or the same fraction in every layer
+        (``active``: each layer's active count now)."""
         scores = magnitude_scores(ctx.params, ctx.masks)
         if self.pruning == "global":
             return global_topk_masks(scores, keep, ctx.shards)
-        active = ctx.active()
         share = keep / max(sum(active.values()), 1)
         shapes = ctx.shapes
         densities = {n: active[n] * share / math.prod(s) for n, s in shapes.items()}
@@ -161,16 +161,17 @@ class GraNet(SparsityMethod):
 
     @torch.no_grad()
     def final_masks(self, ctx: SparsityContext) -> Masks:
-        return self._prune(ctx, round((1.0 - self.sparsity) * sum(math.prod(s) for s in ctx.shapes.values())))
+        return self._prune(ctx, round((1.0 - self.sparsity) * sum(math.prod(s) for s in ctx.shapes.values())), ctx.active())
 
     @torch.no_grad()
     def update(self, ctx: SparsityContext, step: int, grads: dict[str, Tensor] | None) -> Masks:
         masks = ctx.masks
         total = sum(math.prod(s) for s in ctx.shapes.values())
-        active = sum(ctx.active().values())
+        counts = ctx.active()
+        active = sum(counts.values())
         keep = round((1.0 - self.target_sparsity(step)) * total)
         if keep < active:
-            masks = self._prune(ctx, keep)
+            masks = self._prune(ctx, keep, counts)
         fraction, counts = self.regrowth_fraction_at(step), []  # counts: per-layer drop-and-grow k
         if fraction > 0:
             if grads is None:
