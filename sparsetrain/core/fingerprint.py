@@ -44,6 +44,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sparsetrain.core.distributed import all_reduce_max
+
 __all__ = ["CPU_CHUNK_BLOCKS", "compare_across_ranks", "disagreeing", "mask_hash_reference", "mask_hashes"]
 
 _MASK64 = (1 << 64) - 1
@@ -170,17 +172,18 @@ def disagreeing(max_and_neg_min: Tensor) -> Tensor:
     return (max_and_neg_min[:n] != -max_and_neg_min[n:]).nonzero().reshape(-1)
 
 
-def compare_across_ranks(hashes: Tensor, strategy: Any) -> list[int]:
+def compare_across_ranks(hashes: Tensor, strategy: Any = None) -> list[int]:
     """The indices of the layers whose hash is not the same on every rank ([] when all agree).
 
-    ``strategy`` is a Lightning strategy (``trainer.strategy``): one
-    ``strategy.reduce(torch.cat([hashes, -hashes]), reduce_op="max")``, i.e. Lightning's
-    ``_sync_ddp`` (a barrier, then one ``torch.distributed.all_reduce`` with ``ReduceOp.MAX``
-    of 2 L int64 numbers) under DDP/FSDP/ModelParallel; the identity on one device. Every
-    rank must call it (it is a collective) with the same number of hashes, and every rank
-    gets the same answer. One host synchronisation: the returned Python list.
+    One MAX all-reduce of ``torch.cat([hashes, -hashes])`` (2 L int64 numbers): through
+    ``strategy.reduce(..., reduce_op="max")`` when a Lightning strategy is given (Lightning's ``_sync_ddp``,
+    a barrier then one ``torch.distributed.all_reduce``), else on ``torch.distributed``'s default group
+    (:mod:`sparsetrain.core.distributed`); the identity in a single process. Every rank must call it (it is a
+    collective) with the same number of hashes, and every rank gets the same answer. One host
+    synchronisation: the returned Python list.
     """
-    hashes = hashes.reshape(-1).to(device=strategy.root_device, dtype=torch.int64)
-    both = torch.cat([hashes, -hashes])  # a fresh tensor: the all-reduce works in place
-    reduced = strategy.reduce(both, reduce_op="max")
-    return disagreeing(reduced).tolist()
+    hashes = hashes.reshape(-1).to(dtype=torch.int64)
+    if strategy is None:
+        return disagreeing(all_reduce_max(torch.cat([hashes, -hashes]))).tolist()
+    both = torch.cat([hashes, -hashes]).to(strategy.root_device)  # a fresh tensor: the all-reduce works in place
+    return disagreeing(strategy.reduce(both, reduce_op="max")).tolist()

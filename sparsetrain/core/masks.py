@@ -36,6 +36,23 @@ def random_scores(
     return {n: uniform(seed, n, starts[n], p.numel(), p.device).view(p.shape) for n, p in params.items()}
 
 
+def initial_random_scores(
+    params: Mapping[str, Tensor], generator: torch.Generator, shards: Shards | None = None
+) -> dict[str, Tensor]:
+    """:func:`random_scores` where every position holding a non-zero weight ranks above every zero one.
+
+    The score of a zero weight is ``u - 1`` instead of ``u`` (exact: ``u`` lies on the grid of
+    ``2**-24`` in ``[0, 1)``), so the order within each class is the random one. Random initial masks
+    drawn from these keep the weights a model already holds when the budget can take them (a model
+    that is already sparse keeps its weights; its zeros are chosen last), and are exactly the masks of
+    :func:`random_scores` on a model without zeros.
+    """
+    scores = random_scores(params, generator, shards)
+    for n, p in params.items():
+        scores[n].sub_((p.detach() == 0).to(torch.float32))
+    return scores
+
+
 def topk_mask(scores: Tensor, keep: int) -> Tensor:
     """Mask of the ``keep`` largest scores (ties: lowest flat index first, see :func:`.select.select`)."""
     return select([scores], [[0]], [keep])[0]

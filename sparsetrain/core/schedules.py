@@ -28,8 +28,8 @@ def resolve_step(value: int | float, total_steps: int | None, key: str) -> int:
     if total_steps is None or not math.isfinite(total_steps):
         raise SparsityConfigError(
             f"{key}={value} is a fraction of training, but the length of training is unknown "
-            f"(data of unknown length and no max_steps): set max_steps on the Trainer, or give {key} as an int "
-            "number of optimizer steps"
+            f"(data of unknown length and no max_steps): set max_steps on the Trainer (total_steps= in "
+            f"sparsetrain.attach without a Trainer), or give {key} as an int number of optimizer steps"
         )
     return int(round(value * total_steps))
 

@@ -44,6 +44,7 @@ import fnmatch
 import logging
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 from torch.nn.utils import parametrizations, parametrize
@@ -205,6 +206,31 @@ def select_targets(
             "Name the parameters to prune with `include` (globs on parameter names)."
         )
     return targets
+
+
+@dataclass(frozen=True)
+class TargetSelection:
+    """Which parameters a sparse run prunes: the default targets (see the module docstring), plus the
+    parameters named by ``include`` globs, minus those named by ``exclude`` globs, without the first /
+    last default target when ``dense_first`` / ``dense_last``. One object for the four arguments that the
+    engine, the callback and the lottery take."""
+
+    include: str | Sequence[str] | None = None
+    exclude: str | Sequence[str] | None = None
+    dense_first: bool = False
+    dense_last: bool = False
+
+    def select(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The targets of ``model`` (:func:`select_targets`)."""
+        return select_targets(model, self.include, self.exclude, self.dense_first, self.dense_last)
+
+    def includes(self, name: str) -> bool:
+        """Whether an ``include`` glob names ``name`` (such a target is pruned even when frozen)."""
+        return any(fnmatch.fnmatchcase(name, g) for g in _as_list(self.include))
+
+    def changed(self) -> dict:
+        """The arguments that differ from the defaults, ``{name: value}``."""
+        return {k: v for k, v in vars(self).items() if v not in (None, False)}
 
 
 def _warn_skipped(skipped: list[tuple[str, nn.Module, str]], addressed: set[int]) -> None:

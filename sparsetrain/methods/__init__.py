@@ -1,32 +1,23 @@
 """Sparsity methods: one class per algorithm, all with the :class:`SparsityMethod` interface.
 
-:data:`METHODS` maps the names a config or ``SparsityCallback("rigl", sparsity=0.9)`` may use to
-the classes; :func:`method_from_name` builds one with its arguments.
+Each class registers itself at its definition (:func:`~sparsetrain.methods.base.register_method`):
+:data:`METHODS` maps the names a config or ``SparsityCallback("rigl", sparsity=0.9)`` may use to the
+classes, with what each supports; :func:`method_from_name` builds one with its arguments.
 """
 
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.methods.annealing import StochasticAnnealing
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
-from sparsetrain.methods.dense import Dense
-from sparsetrain.methods.gmp import GMP
-from sparsetrain.methods.granet import GraNet
-from sparsetrain.methods.fixed import FixedMasks
-from sparsetrain.methods.rigl import RigL
-from sparsetrain.methods.set import SET
-from sparsetrain.methods.srste import SRSTE
-from sparsetrain.methods.static import Static
+from sparsetrain.methods.base import METHODS, SparsityContext, SparsityMethod, register_method
 
-METHODS: dict[str, type[SparsityMethod]] = {
-    "dense": Dense,
-    "static": Static,
-    "gmp": GMP,
-    "rigl": RigL,
-    "set": SET,
-    "granet": GraNet,
-    "annealing": StochasticAnnealing,
-    "srste": SRSTE,
-    "fixed": FixedMasks,
-}
+# imported in the order METHODS lists them (simple to complex)
+from sparsetrain.methods.dense import Dense  # isort: skip
+from sparsetrain.methods.static import Static  # isort: skip
+from sparsetrain.methods.gmp import GMP  # isort: skip
+from sparsetrain.methods.rigl import RigL  # isort: skip
+from sparsetrain.methods.set import SET  # isort: skip
+from sparsetrain.methods.granet import GraNet  # isort: skip
+from sparsetrain.methods.annealing import StochasticAnnealing  # isort: skip
+from sparsetrain.methods.srste import SRSTE  # isort: skip
+from sparsetrain.methods.fixed import FixedMasks  # isort: skip
 
 
 def method_from_name(name: str, **args) -> SparsityMethod:
@@ -42,5 +33,5 @@ def method_from_name(name: str, **args) -> SparsityMethod:
 
 __all__ = [
     "METHODS", "SET", "Dense", "FixedMasks", "GMP", "GraNet", "RigL", "SRSTE", "SparsityContext", "SparsityMethod", "Static",
-    "StochasticAnnealing", "method_from_name",
+    "StochasticAnnealing", "method_from_name", "register_method",
 ]

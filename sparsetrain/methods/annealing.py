@@ -13,48 +13,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from sparsetrain.checkpoint import load_masks
 from sparsetrain.core.budgets import Budget
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
+from sparsetrain.core.masks import Masks, initial_random_scores, magnitude_scores
 from sparsetrain.core.schedules import UpdateSchedule
 from sparsetrain.core.stochastic import annealing_scale
 from sparsetrain.core.validation import check_choice, check_number, check_sparsity
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 TARGETS = ("magnitude", "random", "from_checkpoint")
 PROBABILITIES = ("constant", "random")
 ANNEALING_SCHEDULES = ("linear", "cosine", "exponential")
 
 
-def load_masks(source: Mapping[str, Tensor] | str | Path) -> Masks:
-    """Masks from a dict, a ``torch.save``\\ d ``{name: mask}`` file or a checkpoint holding masks.
-
-    A checkpoint is a Lightning checkpoint whose ``callbacks`` hold a ``SparsityCallback`` state
-    with masks (any sparsetrain run), or a dict with a ``masks`` entry. Files are read with
-    ``torch.load(weights_only=True)``.
-    """
-    where = "the given dict"
-    if isinstance(source, (str, Path)):
-        where = str(source)
-        if not Path(source).is_file():
-            raise SparsityConfigError(f"masks={where!r}: no such file (expected a checkpoint or a masks file)")
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    if isinstance(source, Mapping) and "callbacks" in source:
-        states = [v for k, v in source["callbacks"].items() if str(k).startswith("SparsityCallback")]
-        found = [s["masks"] for s in states if isinstance(s, Mapping) and s.get("masks") is not None]
-        if not found:
-            raise SparsityConfigError(
-                f"masks={where!r} is a Lightning checkpoint without sparsity masks (no SparsityCallback state with "
-                "masks): take the checkpoint of a sparse run, or use target='magnitude' to choose the subnetwork by |w|"
-            )
-        source = found[0]
-    elif isinstance(source, Mapping) and "masks" in source:
-        source = source["masks"]
-    if not isinstance(source, Mapping) or not all(isinstance(m, Tensor) for m in source.values()):
-        raise SparsityConfigError(f"masks={where!r} holds no {{name: mask tensor}} dict")
-    return {n: m.detach().to("cpu", torch.bool) for n, m in source.items()}
-
-
+@register_method("annealing", supports=("structure", "soft_masks"))
 class StochasticAnnealing(SparsityMethod):
     r"""Anneal the weights outside a target subnetwork out of the network with stochastic masks.
 
@@ -204,7 +177,7 @@ class StochasticAnnealing(SparsityMethod):
             if self.target == "magnitude":
                 scores = magnitude_scores(ctx.params, ctx.masks)
             else:
-                scores = random_scores(ctx.params, ctx.generator)
+                scores = initial_random_scores(ctx.params, ctx.generator)
             masks = self.budget.masks(scores, self.sparsity)
         tau0 = self.initial_probability
         if self.probabilities == "random":

@@ -60,8 +60,42 @@ class SparsityContext:
         return total_counts(self.masks if masks is None else masks, self.shards)
 
 
+#: every method by the name configs and ``SparsityCallback("rigl", ...)`` use, filled by :func:`register_method`
+METHODS: dict[str, type[SparsityMethod]] = {}
+#: what a method may declare it supports
+CAPABILITIES = ("structure", "sharding", "gradients", "soft_masks")
+
+
+def register_method(name: str, supports: tuple[str, ...] = ()):
+    """Class decorator at a method's definition: make it available as ``name`` and declare what it supports.
+
+    ``supports``: ``structure`` (takes ``structure="N:M"``), ``sharding`` (runs on FSDP2-sharded targets),
+    ``gradients`` (its updates read the dense gradients), ``soft_masks`` (stochastic or straight-through
+    forwards before its masks turn hard). Error messages list the methods from here, never by hand.
+    """
+    unknown = set(supports) - set(CAPABILITIES)
+    if unknown or name in METHODS:
+        raise ValueError(f"register_method({name!r}): unknown capabilities {sorted(unknown)} or a name taken twice")
+
+    def register(cls: type[SparsityMethod]) -> type[SparsityMethod]:
+        cls.name, cls.supports = name, frozenset(supports)
+        METHODS[name] = cls
+        return cls
+
+    return register
+
+
+def methods_supporting(capability: str) -> list[str]:
+    """The class names of the registered methods that support ``capability``, e.g. for an error message."""
+    return [cls.__name__ for cls in METHODS.values() if capability in cls.supports]
+
+
 class SparsityMethod:
     """Base class: dense, never updates. Subclasses override what they need."""
+
+    #: the registered name (:func:`register_method`) and what the method supports
+    name: str = ""
+    supports: frozenset[str] = frozenset()
 
     #: target sparsity used before the method has reported one (and the one reached at the end)
     sparsity: float = 0.0

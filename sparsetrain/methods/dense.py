@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from sparsetrain.methods.base import SparsityMethod
+from sparsetrain.methods.base import SparsityMethod, register_method
 
 
+@register_method("dense", supports=("sharding",))
 class Dense(SparsityMethod):
     """Train dense; :class:`~sparsetrain.SparsityCallback` still logs the measured sparsity.
 

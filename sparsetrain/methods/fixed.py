@@ -16,9 +16,10 @@ from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 
+@register_method("fixed", supports=("sharding",))
 class FixedMasks(SparsityMethod):
     """Train with ``masks`` held fixed; ``None`` trains dense.
 

@@ -12,11 +12,12 @@ from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, magnitude_scores
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, scheduled_sparsity
 from sparsetrain.core.validation import check_choice, check_sparsity
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 STRUCTURE_SCHEDULES = ("final", "groups")
 
 
+@register_method("gmp", supports=("structure", "sharding"))
 class GMP(SparsityMethod):
     r"""Prune the smallest-magnitude active weights on a cubic schedule.
 

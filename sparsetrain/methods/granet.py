@@ -9,13 +9,14 @@ from torch import Tensor
 
 from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget, counts_from_densities
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores, topk_masks
+from sparsetrain.core.masks import Masks, global_topk_masks, initial_random_scores, magnitude_scores, topk_masks
 from sparsetrain.core.regrowth import drop_and_grow_layers, drop_count
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, cosine_decay, scheduled_sparsity
 from sparsetrain.core.validation import check_choice, check_number, check_sparsity
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import methods_supporting, SparsityContext, SparsityMethod, register_method
 
 
+@register_method("granet", supports=("sharding", "gradients"))
 class GraNet(SparsityMethod):
     r"""Prune gradually by global magnitude and regrow by gradient, dense-to-sparse or sparse-to-sparse.
 
@@ -94,7 +95,7 @@ class GraNet(SparsityMethod):
         if structure not in (None, "unstructured"):
             raise SparsityConfigError(
                 f"structure={structure!r}: GraNet has no N:M option (its global threshold moves weights between layers, "
-                "which N:M forbids); allowed: None. For N:M use GMP, RigL, SET, Static, SRSTE or the lottery app"
+                f"which N:M forbids); allowed: None. For N:M use {', '.join(methods_supporting('structure'))} or the lottery app"
             )
         self.sparsity = check_sparsity(sparsity)
         self.initial_density = check_number(initial_density, "initial_density", 0.0, 1.0, low_open=True)
@@ -140,7 +141,7 @@ class GraNet(SparsityMethod):
     def init_masks(self, ctx: SparsityContext) -> Masks:
         if self.initial_density == 1.0:
             return {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.params.items()}
-        return self.budget.masks(random_scores(ctx.params, ctx.generator, ctx.shards), self.initial_sparsity, ctx.shards)
+        return self.budget.masks(initial_random_scores(ctx.params, ctx.generator, ctx.shards), self.initial_sparsity, ctx.shards)
 
     def is_update_step(self, step: int) -> bool:
         return super().is_update_step(step) or (self._regrowth_steps is not None and self._regrowth_steps.is_update_step(step))

@@ -8,16 +8,17 @@ import torch
 from torch import Tensor
 
 from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
-from sparsetrain.core.masks import Masks, magnitude_scores, random_scores
+from sparsetrain.core.masks import Masks, initial_random_scores, magnitude_scores
 from sparsetrain.core.regrowth import drop_and_grow_layers, drop_count
 from sparsetrain.core.schedules import UpdateSchedule, cosine_decay
 from sparsetrain.core.validation import check_bool, check_choice, check_number, check_sparsity
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 DROP_FRACTION_SCHEDULES = ("cosine", "cosine_paper", "constant")
 INITS = ("random", "magnitude")
 
 
+@register_method("rigl", supports=("structure", "sharding", "gradients"))
 class RigL(SparsityMethod):
     r"""Dynamic sparse training with a fixed number of weights per layer.
 
@@ -122,7 +123,7 @@ class RigL(SparsityMethod):
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        scores = random_scores(ctx.params, ctx.generator, ctx.shards) if self.init == "random" else magnitude_scores(ctx.params)
+        scores = initial_random_scores(ctx.params, ctx.generator, ctx.shards) if self.init == "random" else magnitude_scores(ctx.params)
         return self.budget.masks(scores, self.sparsity, ctx.shards)
 
     def needs_grads(self, step: int) -> bool:

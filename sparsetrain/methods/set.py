@@ -6,10 +6,11 @@ from torch import Tensor
 
 from sparsetrain.core.masks import random_scores
 
-from sparsetrain.methods.base import SparsityContext
+from sparsetrain.methods.base import SparsityContext, register_method
 from sparsetrain.methods.rigl import RigL
 
 
+@register_method("set", supports=("structure", "sharding"))
 class SET(RigL):
     """:class:`RigL` with random growth: same arguments, schedule, drop rule and invariants.
 

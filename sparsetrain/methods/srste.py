@@ -12,9 +12,10 @@ from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, magnitude_scores
 from sparsetrain.core.schedules import UpdateSchedule
 from sparsetrain.core.validation import check_number
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 
+@register_method("srste", supports=("structure", "soft_masks"))
 class SRSTE(SparsityMethod):
     r"""Train N:M sparse from scratch: dense weights, N:M-masked forwards, a decay on the pruned weights.
 

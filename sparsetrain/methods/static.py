@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sparsetrain.core.budgets import LAYER_DISTRIBUTIONS, Budget
-from sparsetrain.core.masks import Masks, random_scores
+from sparsetrain.core.masks import Masks, initial_random_scores
 from sparsetrain.core.validation import check_sparsity
-from sparsetrain.methods.base import SparsityContext, SparsityMethod
+from sparsetrain.methods.base import SparsityContext, SparsityMethod, register_method
 
 
+@register_method("static", supports=("structure", "sharding"))
 class Static(SparsityMethod):
     """Random pruning at initialisation with exact per-layer counts.
 
@@ -42,4 +43,4 @@ class Static(SparsityMethod):
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        return self.budget.masks(random_scores(ctx.params, ctx.generator, ctx.shards), self.sparsity, ctx.shards)
+        return self.budget.masks(initial_random_scores(ctx.params, ctx.generator, ctx.shards), self.sparsity, ctx.shards)
