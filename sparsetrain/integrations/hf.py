@@ -1,0 +1,90 @@
+"""Sparse training with the Hugging Face ``Trainer``: :class:`SparsityTrainerCallback`.
+
+.. code-block:: python
+
+    from sparsetrain.integrations.hf import SparsityTrainerCallback
+
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[SparsityTrainerCallback("gmp", sparsity=0.9)])
+    trainer.train()                          # or trainer.train(resume_from_checkpoint=True)
+    model.save_pretrained("out")             # 90 % of the prunable weights are exact zeros
+
+The callback drives a :class:`~sparsetrain.engine.SparsityEngine` through the optimizer's step hooks (as
+:func:`sparsetrain.attach` does; the hooks sit on the ``torch.optim`` optimizer inside Accelerate's wrapper, so
+they run after gradient clipping and AMP unscaling), and counts steps as the Trainer does (``state.global_step``,
+``max_steps`` for fractions of training). Every checkpoint folder ``checkpoint-<step>`` gets the run's state in
+``sparsetrain.pt``; ``trainer.train(resume_from_checkpoint=...)`` reads it back from the folder of the resumed
+step, so the run continues exactly. The sparsity metrics are added to the Trainer's ``logs`` (the callbacks after
+this one, and ``state.log_history``).
+
+Clipping (``max_grad_norm``, on by default in ``TrainingArguments``) runs before the hooks, so the clipped norm
+includes the pruned weights' gradients; set ``max_grad_norm=0`` or accept that small difference from the
+Lightning callback, which masks before clipping.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import TrainerCallback
+
+from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.engine import SparsityEngine
+from sparsetrain.integrations.loop import drive
+from sparsetrain.methods.base import SparsityMethod
+
+STATE_FILE = "sparsetrain.pt"
+
+
+class SparsityTrainerCallback(TrainerCallback):
+    """A ``transformers.TrainerCallback`` that makes the model sparse while the ``Trainer`` trains it.
+
+    Args:
+        method: a :class:`~sparsetrain.methods.base.SparsityMethod` or its registered name.
+        engine_args: the method's arguments and :class:`~sparsetrain.engine.SparsityEngine`'s (``seed``,
+            ``include``, ``exclude``, ``finalize``, ...), e.g. ``SparsityTrainerCallback("rigl", sparsity=0.9)``.
+    """
+
+    def __init__(self, method: SparsityMethod | str, **engine_args):
+        self.engine = SparsityEngine(method, **engine_args)
+        self._latest: dict[str, float] = {}
+
+    def _keep(self, step: int, metrics: dict[str, float]) -> None:
+        self._latest = metrics
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        saved = None
+        if state.global_step > 0:  # a resume: the Trainer names its checkpoint folders by step
+            folders = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+            if isinstance(args.resume_from_checkpoint, str):
+                folders.insert(0, args.resume_from_checkpoint)
+            found = [f for f in folders if os.path.isfile(os.path.join(f, STATE_FILE))]
+            if not found:
+                raise SparsityConfigError(
+                    f"resume_from_checkpoint: the Trainer resumes at step {state.global_step}, but no {STATE_FILE} is in "
+                    f"{' or '.join(folders)}: resume from a checkpoint that a SparsityTrainerCallback wrote"
+                )
+            saved = torch.load(os.path.join(found[0], STATE_FILE), map_location="cpu", weights_only=False)
+        total = state.max_steps if state.max_steps and state.max_steps > 0 else None
+        # the Trainer passes its optimizer to callbacks only when the user gave it (optimizers=...): else None,
+        # and the engine finds it at its first step
+        drive(self.engine, model, optimizer, total, state=saved, step=state.global_step, log_metrics=self._keep, counts_steps=False)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.engine.advance(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self._latest:
+            logs.update(self._latest)
+            if state.log_history:
+                state.log_history[-1].update(self._latest)
+
+    def on_save(self, args, state, control, **kwargs):
+        run_state = self.engine.state_dict()
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(run_state, os.path.join(folder, STATE_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.engine.detach()

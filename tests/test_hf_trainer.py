@@ -1,0 +1,105 @@
+"""The Hugging Face ``Trainer`` with ``SparsityTrainerCallback`` on tiny GPT-2 and ViT models built from configs (no
+download): exact zero counts in the trained model and after ``save_pretrained``, and an exact ``resume_from_checkpoint``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from sparsetrain.core import layer_counts
+from tests.test_hf import SPARSITY, gpt2, vit
+
+transformers = pytest.importorskip("transformers")
+from sparsetrain.integrations.hf import STATE_FILE, SparsityTrainerCallback  # noqa: E402
+
+STEPS = 8
+
+
+class Data(Dataset):
+    def __init__(self, kind: str, n: int = 8 * STEPS):
+        g = torch.Generator().manual_seed(0)
+        if kind == "lm":
+            ids = torch.randint(0, 100, (n, 16), generator=g)
+            self.items = [{"input_ids": i, "labels": i} for i in ids]
+        else:
+            x, y = torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+            self.items = [{"pixel_values": a, "labels": b} for a, b in zip(x, y)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class InOrder(transformers.Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def hf_trainer(model, callback, kind, output_dir, **args):
+    settings = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=8, max_steps=STEPS, learning_rate=1e-2, use_cpu=True,
+        report_to=[], save_strategy="no", logging_steps=2, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    settings.update(args)
+    return InOrder(model=model, args=transformers.TrainingArguments(**settings), train_dataset=Data(kind), callbacks=[callback])
+
+
+METHODS = {
+    "gmp": ("gmp", dict(sparsity=SPARSITY, start=0, end=4, every=2, distribution="uniform")),
+    "rigl": ("rigl", dict(sparsity=SPARSITY, every=2, end=6, distribution="uniform")),
+}
+
+
+@pytest.mark.parametrize("kind,method", [("lm", "gmp"), ("image", "rigl")])
+def test_the_trainers_own_optimizer_trains_to_exact_counts_that_survive_save_pretrained(kind, method, tmp_path):
+    torch.manual_seed(0)
+    model = gpt2(transformers) if kind == "lm" else vit(transformers)
+    name, args = METHODS[method]
+    callback = SparsityTrainerCallback(name, seed=0, **args)
+    trainer = hf_trainer(model, callback, kind, tmp_path / "run")
+    trainer.train()  # the Trainer makes its AdamW: callbacks get optimizer=None, the engine finds it at its first step
+    engine = callback.engine
+    assert engine.step == STEPS and len(engine.optimizers) == 1
+    params = dict(model.named_parameters())
+    kept = layer_counts(engine.shapes, SPARSITY, "uniform")
+    assert {n: int((params[n] != 0).sum()) for n in engine.targets} == kept  # counted in the trained model
+    assert any("sparsity/global" in entry for entry in trainer.state.log_history)
+    model.save_pretrained(tmp_path / "saved")
+    cls = transformers.GPT2LMHeadModel if kind == "lm" else transformers.ViTForImageClassification
+    loaded = dict(cls.from_pretrained(tmp_path / "saved").named_parameters())
+    assert {n: int((loaded[n] != 0).sum()) for n in engine.targets} == kept
+    for n, m in engine.masks.items():
+        assert int(loaded[n][~m].ne(0).sum()) == 0, n
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = gpt2(transformers)
+        callback = SparsityTrainerCallback("rigl", seed=0, sparsity=SPARSITY, every=2, end=7, distribution="uniform")
+        hf_trainer(model, callback, "lm", tmp_path, save_strategy="steps", save_steps=4).train(resume_from_checkpoint=resume)
+        return model, callback.engine
+
+    straight_model, straight = run()
+    assert (tmp_path / "checkpoint-4" / STATE_FILE).is_file()
+    saved = torch.load(tmp_path / "checkpoint-4" / STATE_FILE, weights_only=False)
+    assert saved["step"] == 4 and saved["final"] is True and list(saved["masks"]) == list(straight.masks)
+    resumed_model, resumed = run(resume=str(tmp_path / "checkpoint-4"))
+    assert resumed.step == straight.step == STEPS
+    for n, m in straight.masks.items():
+        assert torch.equal(resumed.masks[n], m), n
+    for n, p in straight_model.named_parameters():
+        assert torch.equal(resumed_model.get_parameter(n), p), n
+
+
+def test_a_resume_without_the_sparsity_state_fails_naming_the_folder(tmp_path):
+    torch.manual_seed(0)
+    hf_trainer(gpt2(transformers), SparsityTrainerCallback("static", sparsity=0.5), "lm", tmp_path, save_strategy="steps", save_steps=4).train()
+    (tmp_path / "checkpoint-4" / STATE_FILE).unlink()
+    torch.manual_seed(0)
+    trainer = hf_trainer(gpt2(transformers), SparsityTrainerCallback("static", sparsity=0.5), "lm", tmp_path)
+    with pytest.raises(Exception, match="no sparsetrain.pt is in .*checkpoint-4"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))

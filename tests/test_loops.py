@@ -1,0 +1,179 @@
+"""One engine under every loop: the Lightning callback, Fabric, a plain PyTorch loop and the Hugging Face Trainer give
+bitwise the same masks; the plain loop with GradScaler, several optimizers and an exact resume; no Lightning needed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+import sparsetrain
+from tests.helpers import TinyNet, random_loader
+from tests.loops import EPOCHS, LOOPS, STEPS, plain_run
+
+ROOT = Path(__file__).resolve().parents[1]
+# int steps: every loop resolves the same schedule (16 optimizer steps)
+METHODS = {
+    "static": ("static", dict(sparsity=0.9)),
+    "gmp": ("gmp", dict(sparsity=0.9, start=2, end=12, every=2)),
+    "rigl": ("rigl", dict(sparsity=0.8, every=3, end=14, distribution="uniform")),
+    "srste": ("srste", dict(structure="2:4", every=2, end=12)),
+}
+
+
+def zeros_in_masked_positions(model, masks) -> int:
+    return sum(int(model.get_parameter(n)[~m].ne(0).sum()) for n, m in masks.items())
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_loop_gives_bitwise_the_same_masks_and_the_same_weights(name, tmp_path):
+    pytest.importorskip("transformers")
+    method, args = METHODS[name]
+    runs = {loop: (run(method, args, tmp_path) if loop == "hf" else run(method, args)) for loop, run in LOOPS.items()}
+    model, engine = runs["lightning"]
+    assert engine.step == STEPS
+    for loop, (other_model, other) in runs.items():
+        assert other.step == STEPS, loop
+        assert list(other.masks) == list(engine.masks), loop
+        for n, m in engine.masks.items():
+            assert torch.equal(other.masks[n].cpu(), m.cpu()), (loop, n)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(other_model.get_parameter(n), p, rtol=1e-5, atol=1e-6, msg=f"{loop} {n}")
+        assert zeros_in_masked_positions(other_model, other.masks) == 0, loop
+    kept = sum(int(m.sum()) for m in engine.masks.values())
+    assert engine.report().numel - engine.report().zeros == kept  # counted in the weights
+
+
+def test_plain_loop_detach_removes_every_hook_and_keeps_the_sparse_weights():
+    model, engine = plain_run("rigl", dict(sparsity=0.9, every=4, end=12))
+    assert engine.handles == []
+    optimizer = engine.optimizers[0]
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    zeros = engine.report().zeros
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4)).backward()
+    optimizer.step()  # after detach: an ordinary step, the engine does nothing
+    assert engine.step == STEPS and engine.report().zeros < zeros
+
+
+def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None):
+    """A plain loop over ``random_loader`` batches ``start..steps-1`` (each batch steps every optimizer once)."""
+    engine = sparsetrain.attach(model, optimizers, total_steps=steps * len(optimizers), seed=0, state=state, **engine_args)
+    batches = [b for _ in range(EPOCHS) for b in random_loader()][start:steps]
+    for x, y in batches:
+        loss = nn.functional.cross_entropy(model(x), y)
+        (scaler.scale(loss) if scaler else loss).backward()
+        for optimizer in optimizers:
+            scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+    return engine
+
+
+def test_plain_loop_with_grad_scaler_sees_the_unscaled_gradients():
+    args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
+    L.seed_everything(0)
+    model = TinyNet()
+    plain = _train(model, [model.configure_optimizers()], args)
+    L.seed_everything(0)
+    scaled_model = TinyNet()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # a power of two: unscaling is exact
+    scaled = _train(scaled_model, [scaled_model.configure_optimizers()], args, scaler=scaler)
+    assert scaled.step == plain.step == STEPS
+    for n, m in plain.masks.items():
+        assert torch.equal(scaled.masks[n], m), n
+    torch.testing.assert_close(scaled_model.fc1.weight, model.fc1.weight)
+
+
+def test_plain_loop_with_two_optimizers_counts_every_step_and_prunes_each_optimizers_weights():
+    L.seed_everything(0)
+    model = TinyNet()
+    convs = torch.optim.SGD(list(model.conv.parameters()) + list(model.bn.parameters()), lr=0.05, momentum=0.9)
+    linears = torch.optim.Adam(list(model.fc1.parameters()) + list(model.fc2.parameters()), lr=0.01)
+    engine = _train(model, [convs, linears], dict(method="gmp", sparsity=0.9, start=2, end=20, every=3))
+    assert engine.step == 2 * STEPS and engine.optimizers == [convs, linears]
+    report = engine.report()
+    assert report.zeros == report.numel - round(0.1 * report.numel) and report.numel == 72 + 4096 + 320
+    assert zeros_in_masked_positions(model, engine.masks) == 0
+
+
+def test_plain_loop_resumes_exactly_from_torch_save(tmp_path):
+    args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
+    L.seed_everything(0)
+    straight_model = TinyNet()
+    straight = _train(straight_model, [straight_model.configure_optimizers()], args)
+
+    L.seed_everything(0)
+    model = TinyNet()
+    optimizer = model.configure_optimizers()
+    half = _train(model, [optimizer], args, steps=8)  # the same run, stopped after step 8 and saved
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "sparsity": half.state_dict()}, tmp_path / "run.pt")
+
+    saved = torch.load(tmp_path / "run.pt", weights_only=False)
+    L.seed_everything(123)  # another init: everything comes from the files
+    resumed_model = TinyNet()
+    resumed_model.load_state_dict(saved["model"])
+    optimizer = resumed_model.configure_optimizers()
+    optimizer.load_state_dict(saved["optimizer"])
+    resumed = _train(resumed_model, [optimizer], args, start=8, state=saved["sparsity"])
+    assert resumed.step == straight.step == STEPS
+    for n, m in straight.masks.items():
+        assert torch.equal(resumed.masks[n], m), n
+    for n, p in straight_model.named_parameters():
+        assert torch.equal(resumed_model.get_parameter(n), p), n
+
+
+def test_the_library_imports_and_trains_without_lightning():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["lightning"] = None
+        sys.modules["pytorch_lightning"] = None
+        import torch
+        from torch import nn
+        import sparsetrain, sparsetrain.engine, sparsetrain.methods
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        engine = sparsetrain.attach(model, optimizer, "gmp", sparsity=0.75, start=0, end=6, every=2, total_steps=8)
+        for _ in range(8):
+            nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 4, (16,))).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        engine.detach()
+        assert engine.report().zeros == 3 * (8 * 32 + 32 * 4) // 4, engine.report().table()
+        assert "lightning" not in {m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}
+        try:
+            sparsetrain.SparsityCallback
+        except ImportError:
+            print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("method", ["rigl", pytest.param("gmp", marks=pytest.mark.slow)])
+def test_fabric_ddp_on_two_processes_keeps_identical_masks_on_every_rank(tmp_path, method):
+    script = Path(__file__).with_name("fabric_ddp.py")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), method], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["step"] == rank1["step"] == 16 and len(rank0["history"]) == 16  # 64 samples per rank / 8 * 2 epochs
+    for step, (m0, m1) in enumerate(zip(rank0["history"], rank1["history"])):
+        assert all(torch.equal(m0[n], m1[n]) for n in m0), step
+    for n, w in rank0["weights"].items():
+        assert torch.equal(w, rank1["weights"][n]), n
+    final = rank0["history"][-1]
+    assert sum(int(m.sum()) for m in final.values()) == round(0.2 * sum(m.numel() for m in final.values()))
+    for n, m in final.items():
+        assert int(rank0["weights"][n][~m].ne(0).sum()) == 0, n
+    assert not all(torch.equal(rank0["history"][0][n], final[n]) for n in final)  # the masks moved
