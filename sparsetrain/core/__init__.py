@@ -1,13 +1,12 @@
 """Plain-torch building blocks: targets, masks, budgets, schedules and reports. No Lightning here."""
 
-from sparsetrain.core.budgets import DISTRIBUTIONS, layer_counts, layer_densities
+from sparsetrain.core.budgets import DISTRIBUTIONS, budget_masks, layer_counts, layer_densities
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import (
     Masks,
     apply_masks_,
     global_topk_masks,
     magnitude_scores,
-    budget_masks,
     random_scores,
     reset_optimizer_state_,
     topk_masks,

@@ -31,7 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.masks import Masks, global_topk_masks, topk_masks
 from sparsetrain.core.nm import NMStructure
+from sparsetrain.core.shards import Shards, full_shapes
 from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
@@ -305,9 +307,6 @@ class Budget:
         sharded targets; counts and selections are over the whole tensors (N:M groups lie inside rows,
         which are never split).
         """
-        from sparsetrain.core.masks import budget_masks, topk_masks  # masks.py builds on this module
-        from sparsetrain.core.shards import full_shapes
-
         nm = self.nm
         if nm is None:
             return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode, shards)
@@ -319,3 +318,28 @@ class Budget:
         out.update(topk_masks({n: nm.protect(scores[n]) for n in structured if out[n] is None}, counts, shards))
         out.update(topk_masks({n: s for n, s in scores.items() if n not in out}, counts, shards))
         return {n: out[n] for n in scores}
+
+
+def budget_masks(
+    scores: Mapping[str, Tensor],
+    sparsity: float,
+    distribution: str = "uniform",
+    power: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+    overrides_mode: str = "exact",
+    shards: Shards | None = None,
+) -> Masks:
+    """Keep the highest scores under a layer-wise budget (see :mod:`sparsetrain.core.budgets`).
+
+    ``global`` keeps the ``round((1 - sparsity) * N)`` highest scores over all targets that have
+    no override; overridden layers keep their own top-k.
+    """
+    shapes = full_shapes(scores, shards)
+    if distribution != "global":
+        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides, overrides_mode), shards)
+    fixed_counts, keep = global_counts(shapes, sparsity, overrides, overrides_mode)
+    rest = [n for n in scores if n not in fixed_counts]
+    masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts, shards)
+    if rest:
+        masks.update(global_topk_masks({n: scores[n] for n in rest}, keep, shards))
+    return {n: masks[n] for n in scores}

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from sparsetrain.core.budgets import global_counts, layer_counts
 from sparsetrain.core.counter_rng import uniform
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.select import select
@@ -87,31 +86,6 @@ def magnitude_scores(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] |
             s = s.masked_fill(~masks[n], float("-inf"))
         scores[n] = s
     return scores
-
-
-def budget_masks(
-    scores: Mapping[str, Tensor],
-    sparsity: float,
-    distribution: str = "uniform",
-    power: float = 1.0,
-    overrides: Mapping[str, float] | None = None,
-    overrides_mode: str = "exact",
-    shards: Shards | None = None,
-) -> Masks:
-    """Keep the highest scores under a layer-wise budget (see :mod:`sparsetrain.core.budgets`).
-
-    ``global`` keeps the ``round((1 - sparsity) * N)`` highest scores over all targets that have
-    no override; overridden layers keep their own top-k.
-    """
-    shapes = full_shapes(scores, shards)
-    if distribution != "global":
-        return topk_masks(scores, layer_counts(shapes, sparsity, distribution, power, overrides, overrides_mode), shards)
-    fixed_counts, keep = global_counts(shapes, sparsity, overrides, overrides_mode)
-    rest = [n for n in scores if n not in fixed_counts]
-    masks = topk_masks({n: scores[n] for n in fixed_counts}, fixed_counts, shards)
-    if rest:
-        masks.update(global_topk_masks({n: scores[n] for n in rest}, keep, shards))
-    return {n: masks[n] for n in scores}
 
 
 def apply_masks_(tensors: Iterable[Tensor | None], masks: Iterable[Tensor]) -> None:
