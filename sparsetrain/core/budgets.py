@@ -299,7 +299,7 @@ class Budget:
                 self.counts(shapes, sparsity)
 
     def masks(self, scores, sparsity: float, shards=None):
-        """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`).
+        """Keep the highest ``scores`` under this budget (see :func:`budget_masks`).
 
         Structured layers keep the ``N`` highest of every group at ``sparsity = 1 - N/M``; below it,
         their top ``round((1 - sparsity) * numel)`` with the ``N`` highest of every group first.
