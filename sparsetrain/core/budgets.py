@@ -30,6 +30,8 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from torch import Tensor
+
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, global_topk_masks, topk_masks
 from sparsetrain.core.nm import NMStructure

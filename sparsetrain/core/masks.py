@@ -15,7 +15,7 @@ from torch import Tensor
 from sparsetrain.core.counter_rng import uniform
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.select import select
-from sparsetrain.core.shards import Shards, full_shapes, local, offsets
+from sparsetrain.core.shards import Shards, local, offsets
 
 Masks = dict[str, Tensor]
 _EAGER = MaskKernel("eager")
