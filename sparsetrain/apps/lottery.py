@@ -1,36 +1,11 @@
-"""``sparsetrain-lottery``: lottery tickets by iterative magnitude pruning (IMP) with rewinding.
+"""``sparsetrain-lottery``: lottery tickets by iterative magnitude pruning (IMP) with rewinding, from Hydra configs.
 
-Algorithm (Frankle & Carbin 2019; Frankle et al. 2020 "Linear Mode Connectivity and the LTH"):
-
-* level 0 trains dense and stores the *rewind point* ``rewind.ckpt``: the full training state
-  (weights, optimizer state, LR schedule, step counter, data position) right after optimizer
-  step ``k`` (``rewind``: int steps or float fraction of training; ``k = 0`` is the initial
-  state, before any step).
-* level ``L >= 1`` keeps the ``round(N (1 - p)^L)`` largest ``|w|`` of level ``L - 1``'s
-  final weights among its survivors (``global`` or ``layerwise``, see
-  :mod:`sparsetrain.core.imp`), resumes from ``rewind.ckpt``, zeroes the pruned weights and
-  their optimizer state, and trains from step ``k`` to the end with the masks held fixed
-  (:class:`~sparsetrain.methods.FixedMasks`).
-
-Variants: ``mode="lr"`` is learning-rate rewinding (Renda et al. 2020): as above, but the
-weights are level ``L - 1``'s final weights, so only the step, LR schedule, optimizer state and
-data position go back to ``k``. Controls (run after the main run, in ``<dir>/control_<name>/``):
-``reinit`` trains each level's masks from a fresh init (``control_seed``, default ``seed +
-10000``) from step 0; ``random_mask`` draws random masks with each level's per-layer counts and
-rewinds them like weight rewinding.
-
-Output: ``<dir>/rewind.ckpt``, ``<dir>/level_LL/`` with ``masks.pt``, ``final.ckpt``,
-``checkpoints/best*.ckpt``, ``csv/metrics.csv``, ``sparsity.json``, ``sparsity.txt`` and
-``result.json`` (written last: a level is done when it exists); ``<dir>/summary.csv``,
-``summary.md``, ``accuracy_vs_density.png`` over the main run and every control. "test_acc" is
-the test accuracy of the best-``monitor`` (val/acc) checkpoint, "test_acc_final" that of the
-final weights. Resume: the same command skips done levels; a started level resumes from its
-``checkpoints/last.ckpt`` (end of its last epoch), else restarts from the rewind point.
+The algorithm, its variants (``lottery.mode=lr``), controls (``lottery.control=reinit|random_mask``), output folders
+and resume rules are those of :class:`sparsetrain.lottery.Lottery`, which this app builds from the composed config
+(data, model, module, trainer, logger groups) and runs level by level, one log line each, then the level table.
 
     sparsetrain-lottery experiment=lth_lenet_digits          # minutes on CPU
     sparsetrain-lottery experiment=lth_lenet_digits lottery.control=reinit
-
-In Python, ``Lottery(make_module, make_datamodule, make_trainer, dir, levels=...).run()``.
 """
 
 from __future__ import annotations
