@@ -35,27 +35,19 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import csv
-import logging
-import shlex
 import statistics
-import sys
 import time
-import warnings
-from pathlib import Path
 
 import lightning as L
 import torch
 
+from common import (
+    Rows, command, digits_data, digits_module, footer, markdown_table, mean_std, parser, quiet, quiet_trainer, seeds_of,
+)
 from sparsetrain import SparsityCallback
-from sparsetrain.apps.data import DigitsDataModule
-from sparsetrain.apps.models import build_model
-from sparsetrain.apps.module import ClassificationModule
 from sparsetrain.core import budget_masks, magnitude_scores, select_targets
 from sparsetrain.methods import GMP, Dense, StochasticAnnealing
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = {
     "one-shot + FT": lambda s: GMP(sparsity=s, initial_sparsity=s, start=0, end=0, every=1, distribution="global"),
     "gradual (GMP) + FT": lambda s: GMP(sparsity=s, start=0, end=0.5, every=20, distribution="global"),
@@ -82,18 +74,10 @@ NO_FT = "pruned, no FT"
 FIELDS = ["variant", "sparsity", "seed", "test_acc", "measured_sparsity", "seconds"]
 
 
-def make_module(lr: float) -> ClassificationModule:
-    net = build_model("digits_cnn", num_classes=10, in_chans=1, img_size=8)
-    return ClassificationModule(net, num_classes=10, optimizer="sgd", lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4, lr_schedule="cosine")
-
-
 def fit_and_test(module, method, seed: int, epochs: int) -> tuple[float, float]:
-    data = DigitsDataModule(batch_size=64, seed=seed, split_seed=0)
+    data = digits_data(seed)
     callback = SparsityCallback(method, seed=seed, log_per_layer=False)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[callback])
+    trainer = quiet_trainer(epochs, [callback])
     if epochs > 0:
         trainer.fit(module, data)
     acc = trainer.test(module, data, verbose=False)[0]["test/acc"]
@@ -102,19 +86,12 @@ def fit_and_test(module, method, seed: int, epochs: int) -> tuple[float, float]:
 
 
 def test_only(module, seed: int) -> float:
-    data = DigitsDataModule(batch_size=64, seed=seed, split_seed=0)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    return float(trainer.test(module, data, verbose=False)[0]["test/acc"])
+    return float(quiet_trainer(0, []).test(module, digits_data(seed), verbose=False)[0]["test/acc"])
 
 
-def table(rows: list[dict], sparsities: list[float], command: str, args, chosen: dict) -> str:
+def table(rows: list[dict], sparsities: list[float], cmd: str, args, chosen: dict) -> str:
     def cell(variant, s):
-        accs = [r["test_acc"] for r in rows if r["variant"] == variant and r["sparsity"] == s]
-        if not accs:
-            return "—"
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        return f"{100 * statistics.mean(accs):.2f} ± {100 * std:.2f}"
+        return mean_std([r["test_acc"] for r in rows if r["variant"] == variant and r["sparsity"] == s])
 
     def wins(variant, s):
         base = {r["seed"]: r["test_acc"] for r in rows if r["variant"] == "one-shot + FT" and r["sparsity"] == s}
@@ -127,84 +104,62 @@ def table(rows: list[dict], sparsities: list[float], command: str, args, chosen:
         worse = sum(d < 0 for d in diff)
         return f"{100 * statistics.mean(diff):+.2f} ({better}/{worse})"
 
-    seeds = sorted({r["seed"] for r in rows})
     dense = [r["test_acc"] for r in rows if r["variant"] == "dense"]
     variants = [NO_FT, *chosen]
     lines = [
         "# Stochastic subnetwork annealing on digits (8x8)",
         "",
-        f"Test accuracy (%) of `digits_cnn` (65,440 prunable weights), mean ± std over {len(seeds)} seeds "
-        f"({', '.join(map(str, seeds))}); 270 test images, so one image is 0.37 %. Dense network: "
-        f"{args.dense_epochs} epochs, {100 * statistics.mean(dense):.2f} ± "
-        f"{100 * (statistics.stdev(dense) if len(dense) > 1 else 0.0):.2f} %. Every fine-tuning run: "
+        f"Test accuracy (%) of `digits_cnn` (65,440 prunable weights), mean ± std over {seeds_of(rows)}; "
+        "270 test images, so one image is 0.37 %. Dense network: "
+        f"{args.dense_epochs} epochs, {mean_std(dense)} %. Every fine-tuning run: "
         f"{args.ft_epochs} epochs from the dense weights, SGD lr {args.ft_lr} (cosine), targets by global magnitude; "
         "annealing ends (hard masks) at half of fine-tuning. Variants: docstring of `experiments/annealing_digits.py`.",
         "",
-        "| variant | " + " | ".join(f"{100 * s:g} % sparse" for s in sparsities) + " |",
-        "|---|" + "---|" * len(sparsities),
-    ]
-    for variant in variants:
-        lines.append(f"| {variant} | " + " | ".join(cell(variant, s) for s in sparsities) + " |")
-    lines += ["", "Difference to one-shot + FT, same seed (percentage points, mean; seeds better/worse):", "",
-              "| variant | " + " | ".join(f"{100 * s:g} %" for s in sparsities) + " |",
-              "|---|" + "---|" * len(sparsities)]
-    for variant in [v for v in chosen if v != "one-shot + FT"]:
-        lines.append(f"| {variant} | " + " | ".join(wins(variant, s) for s in sparsities) + " |")
+        *markdown_table("variant", [f"{100 * s:g} % sparse" for s in sparsities],
+                        {v: [cell(v, s) for s in sparsities] for v in variants}),
+        "",
+        "Difference to one-shot + FT, same seed (percentage points, mean; seeds better/worse):",
+        "",
+        *markdown_table("variant", [f"{100 * s:g} %" for s in sparsities],
+                        {v: [wins(v, s) for s in sparsities] for v in chosen if v != "one-shot + FT"}),
+    ]  # fmt: skip
     measured = {s: [r["measured_sparsity"] for r in rows if r["sparsity"] == s and r["variant"] in chosen]
                 for s in sparsities}
     lines += ["", "Measured sparsity of the prunable weights after fine-tuning (counted from the tensors): "
               + ", ".join(f"{100 * min(v):.2f}–{100 * max(v):.2f} % at {100 * s:g} %" for s, v in measured.items() if v)
               + "."]
-    total = sum(r["seconds"] for r in rows)
-    lines += ["", f"{len(rows)} runs, {total / 60:.1f} min of training and testing in total.", "",
-              "Command:", "", "```bash", command, "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + footer(rows, cmd))
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--dense-epochs", type=int, default=30)
-    parser.add_argument("--ft-epochs", type=int, default=20)
-    parser.add_argument("--ft-lr", type=float, default=0.02)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for this net)")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA],
-                        help="fine-tuning variants ('one-shot + FT' is the reference of the difference table)")
-    parser.add_argument("--name", default="annealing_digits", help="file name of the results (.csv, .md)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__)
+    args.add_argument("--sparsities", type=float, nargs="+", default=[0.95, 0.98])
+    args.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    args.add_argument("--dense-epochs", type=int, default=30)
+    args.add_argument("--ft-epochs", type=int, default=20)
+    args.add_argument("--ft-lr", type=float, default=0.02)
+    args.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=[*VARIANTS, *EXTRA],
+                      help="fine-tuning variants ('one-shot + FT' is the reference of the difference table)")
+    args.add_argument("--name", default="annealing_digits", help="file name of the results (.csv, .md)")
+    args = args.parse_args(argv)
     chosen = {v: {**VARIANTS, **EXTRA}[v] for v in args.variants}
     torch.set_num_threads(args.threads)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    args.out.mkdir(parents=True, exist_ok=True)
-    command = "python experiments/annealing_digits.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-
-    rows: list[dict] = []
-    with open(args.out / f"{args.name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-
-        def record(row):
-            rows.append(row)
-            writer.writerow(row)
-            f.flush()
-            print(f"{row['variant']:30s} s={row['sparsity']:.2f} seed={row['seed']} acc={row['test_acc']:.4f} "
-                  f"measured={row['measured_sparsity']:.4f} ({row['seconds']:.1f} s)", flush=True)
-
+    quiet()
+    line = lambda r: (f"{r['variant']:30s} s={r['sparsity']:.2f} seed={r['seed']} acc={r['test_acc']:.4f} "  # noqa: E731
+                      f"measured={r['measured_sparsity']:.4f} ({r['seconds']:.1f} s)")  # fmt: skip
+    with Rows(args.out / f"{args.name}.csv", FIELDS, line) as rows:
+        record = rows.add
         for seed in args.seeds:
             start = time.perf_counter()
             L.seed_everything(seed, verbose=False)
-            dense = make_module(lr=0.1)
+            dense = digits_module(lr=0.1)
             acc, _ = fit_and_test(dense, Dense(), seed, args.dense_epochs)
             record({"variant": "dense", "sparsity": 0.0, "seed": seed, "test_acc": round(acc, 6),
                     "measured_sparsity": 0.0, "seconds": round(time.perf_counter() - start, 2)})
             weights = {k: v.clone() for k, v in dense.state_dict().items()}
             for sparsity in args.sparsities:
                 start = time.perf_counter()  # the target alone, no fine-tuning
-                module = make_module(args.ft_lr)
+                module = digits_module(args.ft_lr)
                 module.load_state_dict(weights)
                 targets = select_targets(module)
                 masks = budget_masks(magnitude_scores(targets), sparsity, "global")
@@ -218,12 +173,13 @@ def main(argv=None) -> None:
                 for variant, make in chosen.items():
                     start = time.perf_counter()
                     L.seed_everything(seed, verbose=False)
-                    module = make_module(args.ft_lr)
+                    module = digits_module(args.ft_lr)
                     module.load_state_dict(weights)
                     acc, measured = fit_and_test(module, make(sparsity), seed, args.ft_epochs)
                     record({"variant": variant, "sparsity": sparsity, "seed": seed, "test_acc": round(acc, 6),
                             "measured_sparsity": round(measured, 6), "seconds": round(time.perf_counter() - start, 2)})
-    (args.out / f"{args.name}.md").write_text(table(rows, args.sparsities, command.strip(), args, chosen))
+    cmd = command("annealing_digits.py", argv)
+    (args.out / f"{args.name}.md").write_text(table(rows.rows, args.sparsities, cmd, args, chosen))
     print((args.out / f"{args.name}.md").read_text())
 
 

@@ -22,27 +22,16 @@ Medians of ``--repeats`` runs after a warm-up, one thread by default. Usage::
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torchvision
 
+from common import command, command_block, dense_sgd_step, parser, timed
 from sparsetrain.core.masks import magnitude_scores
 from sparsetrain.core.targets import select_targets
 from sparsetrain.methods import GMP, RigL, SparsityContext, Static
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def cases(targets: dict, grads: dict, structure: str | None, sparsity: float) -> dict:
@@ -67,23 +56,15 @@ def cases(targets: dict, grads: dict, structure: str | None, sparsity: float) ->
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = parser(__doc__)
+    args.add_argument("--repeats", type=int, default=5)
+    args = args.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
     targets = {n: p.detach() for n, p in select_targets(model).items()}
     grads = {n: torch.randn_like(p) for n, p in targets.items()}
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    step = dense_sgd_step(model)
 
     columns = {"unstructured 50 %": (None, 0.5), "2:4": ("2:4", 0.5), "unstructured 75 %": (None, 0.75), "1:4": ("1:4", 0.75)}
     fns = {c: cases(targets, grads, *v) for c, v in columns.items()}
@@ -94,9 +75,9 @@ def main(argv=None) -> None:
         for f in fs.values():
             f() if f is not None else None
     for _ in range(args.repeats):
-        steps.append(timed(step))
+        steps.append(timed(step)[0])
         for (c, k) in times:
-            times[(c, k)].append(timed(fns[c][k]))
+            times[(c, k)].append(timed(fns[c][k])[0])
     step_ms = 1e3 * statistics.median(steps)
     weights = sum(p.numel() for p in targets.values())
     lines = [
@@ -122,7 +103,7 @@ def main(argv=None) -> None:
     lines += ["", "SR-STE recomputes its mask after every step: its column is its per-step overhead (the forward's",
               "`w * mask` and the decay term add one elementwise pass each). Static, GMP and RigL compute masks only",
               "at updates (every 100 steps or so), so their cost per step is the cell divided by `every`.",
-              "", "Command:", "", "```bash", "python experiments/bench_nm_update.py " + " ".join(sys.argv[1:] if argv is None else argv), "```", ""]
+              "", *command_block(command("bench_nm_update.py", argv))]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_nm_update.md").write_text("\n".join(lines))
     print("\n".join(lines))

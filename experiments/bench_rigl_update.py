@@ -4,9 +4,10 @@ For torchvision ResNet-50 (25.5 M prunable weights) and ResNet-18 (11.7 M), on t
 
 * ``update``: ``RigL.update`` (per layer: drop the smallest ``|w|``, grow the largest
   ``|grad|``), at 90 % ERK sparsity and the first update's drop fraction 0.3 (the largest);
-* ``callback extras``: what :class:`~sparsetrain.SparsityCallback` adds on an update step:
-  the copy of the dense gradients, the reset of SGD momentum where masks changed, and the
-  multiply of the weights by the new masks;
+* ``engine extras``: what :class:`~sparsetrain.engine.SparsityEngine` adds on an update step, timed
+  through its own calls: ``before_optimizer_step`` (the copy of the dense gradients, the masking of
+  the gradients) and ``set_masks`` (the reset of SGD momentum where masks changed, the multiply of
+  the weights by the new masks);
 * ``step``: one dense SGD training step (forward, backward, momentum step) on a random
   32x32 batch of 64 (the models as torchvision builds them: ImageNet stem, 1000 classes);
 * ``share = (update + extras) / (every * step)``: the fraction of training time spent in
@@ -23,79 +24,46 @@ Writes ``<out>/bench_rigl_update.md`` (default experiments/results/).
 
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 import torchvision
 
-from sparsetrain.core.masks import apply_masks_, reset_optimizer_state_
-from sparsetrain.core.targets import select_targets
-from sparsetrain.methods import RigL, SparsityContext
-
-RESULTS = Path(__file__).parent / "results"
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def median(values) -> float:
-    return statistics.median(values)
+from common import command, command_block, dense_sgd_step, parser, timed
+from sparsetrain.engine import SparsityEngine
+from sparsetrain.methods import RigL
 
 
 def setup_update(model: torch.nn.Module, sparsity: float, every: int):
-    """A RigL update of ``model``'s targets at its first update step, and the callback's extra work."""
-    targets = {n: p.detach() for n, p in select_targets(model).items()}
-    method = RigL(sparsity=sparsity, distribution="erk", every=every, end=100 * every)
-    method.setup(1000 * every)
-    generator = torch.Generator().manual_seed(0)
-    masks = method.init_masks(SparsityContext(targets, None, None, generator))
-    apply_masks_(targets.values(), masks.values())
-    grads = {n: torch.randn_like(p) for n, p in targets.items()}
-    ctx = SparsityContext(targets, masks, 1000 * every, generator)
-    optimizer = torch.optim.SGD(list(targets.values()), lr=0.1, momentum=0.9)
-    for p in targets.values():
+    """A RigL update of ``model``'s targets at its first update step, and the engine's extra work on that step."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    engine = SparsityEngine(RigL(sparsity=sparsity, distribution="erk", every=every, end=100 * every), seed=0)
+    engine.setup(model, [optimizer], 1000 * every)
+    engine.begin(0)
+    for p in engine.targets.values():
         optimizer.state[p]["momentum_buffer"] = torch.randn_like(p)
-    new = {}
+    grads = {n: torch.randn_like(p) for n, p in engine.targets.items()}
+    ctx, new = engine.context(), {}
 
     def update():
-        new.update(method.update(ctx, every, grads))
+        new.update(engine.method.update(ctx, every, grads))
 
-    def extras():  # what the callback does on an update step besides calling the method
-        {n: g.clone() for n, g in grads.items()}
-        reset_optimizer_state_(optimizer, targets.values(), [masks[n] & new[n] for n in targets])
-        apply_masks_(targets.values(), new.values())
+    def extras():  # what the engine does on an update step besides calling the method
+        for n, p in engine.targets.items():
+            p.grad = grads[n].clone()
+        engine.before_optimizer_step(optimizer, every)
+        engine.set_masks(new)
+        engine._grads.clear()
 
-    return method, sum(p.numel() for p in targets.values()), update, extras
-
-
-def setup_step(model: torch.nn.Module):
-    """One dense SGD training step on a random 32x32 batch of 64."""
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-    return step
+    return engine.method, sum(p.numel() for p in engine.targets.values()), update, extras
 
 
 def bench(name: str, sparsity: float, every: int, repeats: int) -> dict:
     """Update, extras and step timed in turn, ``repeats`` times after a warm-up, so all see the same load."""
     model = getattr(torchvision.models, name)()  # default 1000-class head: ResNet-50 has 25.5 M weights
     method, weights, update, extras = setup_update(model, sparsity, every)
-    step = setup_step(model)
+    step = dense_sgd_step(model)
     update(), extras(), step()
     runs = {"update": [], "extras": [], "step": []}
     for _ in range(repeats):
@@ -103,21 +71,19 @@ def bench(name: str, sparsity: float, every: int, repeats: int) -> dict:
             runs[key].append(timed(fn))
     out = {"weights": weights, "drop_fraction": method.last_metrics["rigl/drop_fraction"]}
     for key, values in runs.items():
-        out[f"{key}_wall"] = median(v[0] for v in values)
-        out[f"{key}_cpu"] = median(v[1] for v in values)
+        out[f"{key}_wall"] = statistics.median(v[0] for v in values)
+        out[f"{key}_cpu"] = statistics.median(v[1] for v in values)
     for clock in ("wall", "cpu"):
         out[f"share_{clock}"] = (out[f"update_{clock}"] + out[f"extras_{clock}"]) / (every * out[f"step_{clock}"])
     return out
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsity", type=float, default=0.9)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default: experiments/results)")
-    args = parser.parse_args(argv)
+    args = parser(__doc__)
+    args.add_argument("--sparsity", type=float, default=0.9)
+    args.add_argument("--every", type=int, default=100)
+    args.add_argument("--repeats", type=int, default=7)
+    args = args.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -137,7 +103,7 @@ def main(argv=None) -> None:
         "dense SGD with momentum, random 32x32 batch of 64, torchvision models as built (ImageNet stem, "
         "1000-class head).",
         "",
-        "| model | prunable weights | clock | RigL.update | callback extras | training step "
+        "| model | prunable weights | clock | RigL.update | engine extras | training step "
         f"| share at every={args.every} |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -152,18 +118,13 @@ def main(argv=None) -> None:
     worst = {c: (r50[f"update_{c}"] + r50[f"extras_{c}"]) / (args.every * r18[f"step_{c}"]) for c in ("wall", "cpu")}
     lines += [
         "",
-        "share = (RigL.update + callback extras) / (every x training step), i.e. the fraction of training time",
-        "spent in mask updates. Callback extras: copy of the dense gradients, reset of SGD momentum where the",
-        "masks changed, multiply of the weights by the new masks.",
+        "share = (RigL.update + engine extras) / (every x training step), i.e. the fraction of training time",
+        "spent in mask updates. Engine extras: copy of the dense gradients and the gradient masking of the update",
+        "step, reset of SGD momentum where the masks changed, multiply of the weights by the new masks.",
         "ResNet-50's update against ResNet-18's steps (the most pessimistic pairing): "
         f"{100 * worst['wall']:.2f} % wall, {100 * worst['cpu']:.2f} % CPU.",
         "",
-        "Command:",
-        "",
-        "```bash",
-        " ".join(["python experiments/bench_rigl_update.py", *(argv if argv is not None else sys.argv[1:])]),
-        "```",
-        "",
+        *command_block(command("bench_rigl_update.py", argv)),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_rigl_update.md").write_text("\n".join(lines))
