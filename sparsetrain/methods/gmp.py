@@ -47,6 +47,9 @@ class GMP(SparsityMethod):
         structure: ``None`` (unstructured) or ``"N:M"`` (with ``distribution="uniform"`` and
             ``sparsity = 1 - N/M``): pruning ends with exactly ``N`` of every ``M`` weights along
             the input dim (:mod:`sparsetrain.core.nm`).
+        nm_layout: how a convolution's groups run: ``channels`` (default; input channels at each
+            kernel position, the layout of NVIDIA's sparse convolutions) or ``flat`` (``in * kh * kw``
+            with kernel positions fastest); see :mod:`sparsetrain.core.layouts`.
         structure_schedule: how an N:M run gets there. ``final`` (default): unstructured
             magnitude pruning on the schedule in which every group keeps at least its ``N``
             largest weights, so the last update leaves exactly ``N`` per group. ``groups``: every
@@ -77,6 +80,7 @@ class GMP(SparsityMethod):
         structure: str | None = None,
         structure_schedule: str = "final",
         indivisible: str = "dense",
+        nm_layout: str = "channels",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -87,13 +91,13 @@ class GMP(SparsityMethod):
             )
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
         self.updates = UpdateSchedule(start, end, every)
-        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, nm_layout)
         self.budget.check_final(self.sparsity)
         self.structure_schedule = check_choice(structure_schedule, "structure_schedule", STRUCTURE_SCHEDULES)
 
-    def check(self, shapes) -> None:
+    def check(self, shapes, layouts=None) -> None:
         for step in (0, self._steps.end):  # the budget moves linearly in between: the two ends decide
-            self._budget_at(step).check(shapes, self.target_sparsity(step))
+            self._budget_at(step).check(shapes, self.target_sparsity(step), layouts=layouts)
 
     def target_sparsity(self, step: int) -> float:
         if self._steps is None:
@@ -120,7 +124,8 @@ class GMP(SparsityMethod):
 
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)
-        masks = self._budget_at(step).masks(scores, self.target_sparsity(step), ctx.shards)
+        budget = self._budget_at(step)
+        masks = budget.masks(scores, self.target_sparsity(step), ctx.shards, ctx.layouts)
         if ctx.masks is not None:  # never revive a pruned weight (the target can dip, e.g. on a longer resumed run)
             masks = {n: m & ctx.masks[n] for n, m in masks.items()}
         return masks
