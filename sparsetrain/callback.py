@@ -23,6 +23,7 @@ from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.shards import Shards, local, pack_rows, total_counts, unpack_rows
 from sparsetrain.sharded_checkpoint import MASK_PREFIX
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
+from sparsetrain.core.layouts import target_layouts
 from sparsetrain.core.targets import select_targets
 from sparsetrain.core.validation import check_choice, check_int
 from sparsetrain.methods import method_from_name
@@ -206,6 +207,7 @@ class SparsityCallback(Callback):
         self._warned_nonfinite = False
         self._fit_trainer: int | None = None
         self._shards: Shards | None = None  # FSDP2: where each target's local piece lies (core/shards.py)
+        self._layouts = None  # layouts: how each target enters its layer (core/layouts.py), set with the targets
         self._deferred = False  # masks wait for on_train_start: the strategy restores the checkpoint after on_fit_start
         self._previous: dict[str, Tensor] = {}  # the targets of the previous fit, while the masks wait (deferred)
 
@@ -269,10 +271,11 @@ class SparsityCallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         previous = self.targets
         self.targets = self._select(trainer, pl_module)
+        self._layouts = target_layouts(pl_module, self.targets)  # layouts
         self._shards = _sharding(trainer, self.targets, self.method)
         self._total_steps = self._count_total_steps(trainer, pl_module)
         self.method.setup(self._total_steps)
-        self.method.check(self._shapes())
+        self.method.check(self._shapes(), self._layouts)  # layouts
         self._final = False
         self._grads, self._stepped = {}, {}
         self._reapply_every_step = self.reapply == "always" or not all(
@@ -322,7 +325,7 @@ class SparsityCallback(Callback):
 
     def _context(self, stepped: frozenset[str] | None = None) -> SparsityContext:
         params = {n: local(p) for n, p in self.targets.items()}  # FSDP2: the rank's pieces (ctx.shards says where)
-        return SparsityContext(params, self.masks, self._total_steps, self.generator, stepped, self._shards)
+        return SparsityContext(params, self.masks, self._total_steps, self.generator, stepped, self._shards, self._layouts)  # layouts
 
     def _shapes(self) -> dict[str, tuple[int, ...]]:
         """Full shape of every target (a DTensor's ``shape`` is the full one)."""
@@ -466,7 +469,7 @@ class SparsityCallback(Callback):
         if self.masks is None or not self.targets:
             return None
         report = self.sparsity_report()
-        kept = self.method.final_kept(self._shapes())
+        kept = self.method.final_kept(self._shapes(), self._layouts)  # layouts
         return report if report.numel - report.zeros > kept else None
 
     def _schedule_end(self):
@@ -525,6 +528,7 @@ class SparsityCallback(Callback):
             if missing:
                 raise SparsityConfigError(f"the checkpoint has masks for {missing[:4]}, which this model does not have")
             self.targets = {n: params[n] for n in names}
+            self._layouts = target_layouts(pl_module, self.targets)  # layouts
             self._shards = _sharding(trainer, self.targets, self.method)
             self._load_restored(self._restored, trainer.ckpt_path)
             self._restored = None
