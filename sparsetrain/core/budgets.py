@@ -176,6 +176,33 @@ def global_counts(
     return fixed_counts, keep
 
 
+def monotone_counts(counts: Mapping[str, int], held: Mapping[str, int], final: Mapping[str, int]) -> dict[str, int]:
+    """Kept counts for a pruning step that only prunes: ``counts`` where they lie in ``[final, held]``.
+
+    A count above what its pool holds (``held``: pruned weights never come back) is lowered to it, one
+    below its count at the end of the schedule (``final``) is raised to that; then the total is brought
+    back to ``sum(counts)`` by moving the difference onto the pools with the most room inside their bounds
+    (``held - count`` to give, ``count - final`` to take; ties in name order), as far as the bounds allow.
+    So counts never increase from step to step, and a step whose ``counts`` are ``final`` ends exactly on
+    them (largest-remainder rounding alone can give a layer one weight less just before the end).
+
+    Example::
+
+        >>> monotone_counts({"a": 14, "b": 1639}, held={"a": 15, "b": 1700}, final={"a": 15, "b": 1638})
+        {'a': 15, 'b': 1638}
+    """
+    out = {n: min(max(c, final[n]), held[n]) for n, c in counts.items()}
+    excess = sum(out.values()) - sum(counts.values())
+    room = {n: out[n] - final[n] if excess > 0 else held[n] - out[n] for n in out}
+    for n in sorted(out, key=lambda n: -room[n]):  # stable: ties keep the name order of ``counts``
+        if excess == 0:
+            break
+        move = min(max(room[n], 0), abs(excess))
+        out[n] += -move if excess > 0 else move
+        excess += move if excess < 0 else -move
+    return out
+
+
 @dataclass(frozen=True)
 class Budget:
     """How a global sparsity is shared among the targets: the one budget object of every method.
@@ -297,6 +324,15 @@ class Budget:
             return self.counts(shapes, sparsity, layouts)
         fixed, keep = global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
         return {**fixed, GLOBAL: keep}
+
+    def pooled(self, values: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """Per-target ``values`` (e.g. active weights) summed into the pools of :meth:`pool_counts`."""
+        if self.distribution != "global":
+            return dict(values)
+        fixed = resolve_overrides(list(shapes), self.overrides)
+        out = {n: values[n] for n in fixed}
+        out[GLOBAL] = sum(v for n, v in values.items() if n not in fixed)
+        return out
 
     def kept(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float, layouts: Mapping[str, Layout] | None = None) -> int:
         """How many weights all targets keep in total at ``sparsity``."""

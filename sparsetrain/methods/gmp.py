@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
 
-from sparsetrain.core.budgets import Budget
+from sparsetrain.core.budgets import Budget, monotone_counts
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, magnitude_scores
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, scheduled_sparsity
@@ -27,6 +28,11 @@ class GMP(SparsityMethod):
     :class:`~sparsetrain.core.schedules.UpdateSchedule`). Fit start prunes to ``s_0``: the
     initial sparsity, or the final one when ``end == 0`` (one-shot pruning before training).
     After ``end`` the masks are frozen. Pruned weights never come back.
+
+    Counts are monotone: at every update each layer (each pool for ``global``: the overridden layers
+    and the ranked rest) keeps the budget's count at ``s_t``, kept within what it holds and what it
+    keeps at ``end`` (:func:`~sparsetrain.core.budgets.monotone_counts`), so no layer ever needs a
+    pruned weight back and the last update holds exactly the budget's final counts.
 
     Args:
         sparsity: final sparsity ``s_f`` in [0, 1).
@@ -122,10 +128,20 @@ class GMP(SparsityMethod):
             budget = replace(budget, structure=f"{n_t}:{nm.m}" if n_t < nm.m else None)
         return budget
 
+    def _counts(self, ctx: SparsityContext, budget: Budget, step: int) -> dict[str, int]:
+        """The budget's counts at ``step``, monotone along the schedule (N:M layers' are already)."""
+        shapes = ctx.shapes
+        counts = budget.pool_counts(shapes, self.target_sparsity(step), ctx.layouts)
+        final = self._budget_at(self._steps.end).pool_counts(shapes, self.sparsity, ctx.layouts)
+        held = budget.pooled(ctx.active() if ctx.masks is not None else {n: math.prod(s) for n, s in shapes.items()}, shapes)
+        structured = set(budget.split(shapes, ctx.layouts)[0])  # round((1 - s_t) numel): monotone, and fixed by N_t:M
+        free = {n: c for n, c in counts.items() if n not in structured}
+        return {**counts, **monotone_counts(free, held, final)}
+
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)
         budget = self._budget_at(step)
-        masks = budget.masks(scores, self.target_sparsity(step), ctx.shards, ctx.layouts)
+        masks = budget.masks(scores, self.target_sparsity(step), ctx.shards, ctx.layouts, self._counts(ctx, budget, step))
         if ctx.masks is not None:  # never revive a pruned weight (the target can dip, e.g. on a longer resumed run)
             masks = {n: m & ctx.masks[n] for n, m in masks.items()}
         return masks
