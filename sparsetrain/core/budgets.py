@@ -348,7 +348,7 @@ class Budget:
             _, indivisible, _ = self.split(shapes, layouts)
             if indivisible:
                 read = groupings({n: shapes[n] for n in indivisible}, layouts, self.nm_layout)
-                listed = ", ".join(f"{n} {tuple(shapes[n])} [{read[n].name}: {read[n].run} inputs per group run]" for n in indivisible[:6])
+                listed = ", ".join(f"{n} {tuple(shapes[n])} [{read[n].name}, runs of {read[n].run}]" for n in indivisible[:6])
                 listed += ", ..." if len(indivisible) > 6 else ""
                 if self.indivisible == "error":
                     raise SparsityConfigError(
