@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from sparsetrain.core.errors import SparsityConfigError
-from sparsetrain.core.layouts import NM_LAYOUTS, Layout, groupings
+from sparsetrain.core.layouts import NM_LAYOUTS, Layout, check_pieces, groupings
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
@@ -278,8 +278,6 @@ class Budget:
         ``shards``: the targets are sharded by dim 0; a shard that would split a group fails here
         (:func:`~sparsetrain.core.layouts.check_pieces`).
         """
-        from sparsetrain.core.layouts import check_pieces
-
         nm = self.nm
         if nm is None:
             return {}
