@@ -35,6 +35,7 @@ from common import (
     Rows, command, digits_data, digits_module, footer, markdown_table, mean_std, parser, quiet, quiet_trainer, seeds_of,
 )
 from sparsetrain import SparsityCallback
+from sparsetrain.core.layouts import target_layouts
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.methods import GMP, SRSTE, Dense, RigL
 
@@ -65,8 +66,10 @@ def run(method: str, setting: str, seed: int, epochs: int, threads: int) -> dict
     trainer.fit(module, data)
     acc = trainer.test(module, data, verbose=False)[0]["test/acc"]
     nm = NMStructure.parse(structure)
+    layouts = target_layouts(module, callback.targets)  # groups along each target's input dim, as the method's
     holds = "" if nm is None else all(  # counted from the weights: at most N non-zeros in every group
-        bool((nm.group_counts(p != 0) <= nm.n).all()) for p in callback.targets.values()
+        bool((nm.on(layouts[n].grouping(tuple(p.shape))).group_counts(p != 0) <= nm.n).all())
+        for n, p in callback.targets.items() if layouts[n].grouping(tuple(p.shape)).fits(nm.m)
     )
     return {"method": method, "setting": setting, "seed": seed, "test_acc": round(float(acc), 6),
             "measured_sparsity": round(callback.sparsity_report().global_sparsity, 6), "n_m_holds": holds,

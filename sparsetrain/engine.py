@@ -46,6 +46,7 @@ from sparsetrain.core import distributed
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.fingerprint import compare_across_ranks, mask_hashes
 from sparsetrain.core.kernels import MaskKernel
+from sparsetrain.core.layouts import Layout, target_layouts
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.shards import Shards, local, total_counts
@@ -152,6 +153,7 @@ class SparsityEngine:
         self.run_seed: int | None = None
         self.total_steps: int | None = None
         self.shards: Shards | None = None  # FSDP2: where each target's local piece lies (core/shards.py)
+        self.layouts: dict[str, Layout] | None = None  # how each target enters its layer (core/layouts.py)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.copies: list[nn.Module] = []  # weight copies others keep (EMA/SWA averages): masked with the model
         self.metrics: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for the loop's loggers
@@ -186,10 +188,11 @@ class SparsityEngine:
         self._previous = self.targets
         self.optimizers = list(optimizers)
         self.targets = self._select(model)
+        self.layouts = target_layouts(model, self.targets)
         self.shards = check_sharding(self.targets, self.method)
         self.total_steps = total_steps
         self.method.setup(total_steps)
-        self.method.check(self.shapes)
+        self.method.check(self.shapes, self.layouts)
         self._final = False
         self._grads, self._stepped = {}, {}
         self._reapply_every_step = self.reapply == "always" or not all(keeps_masked_weights_zero(o) for o in self.optimizers)
@@ -272,7 +275,7 @@ class SparsityEngine:
 
     def context(self, stepped: frozenset[str] | None = None) -> SparsityContext:
         params = {n: local(p) for n, p in self.targets.items()}  # FSDP2: the rank's pieces (ctx.shards says where)
-        return SparsityContext(params, self.masks, self.total_steps, self.generator, stepped, self.shards)
+        return SparsityContext(params, self.masks, self.total_steps, self.generator, stepped, self.shards, self.layouts)
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -508,7 +511,7 @@ class SparsityEngine:
         if self.masks is None or not self.targets:
             return None
         report = self.report()
-        return report if report.numel - report.zeros > self.method.final_kept(self.shapes) else None
+        return report if report.numel - report.zeros > self.method.final_kept(self.shapes, self.layouts) else None
 
     def detach(self) -> None:
         """The end of a run driven by hooks (:func:`sparsetrain.attach`): :meth:`finish`, the invariant, and the
@@ -619,6 +622,7 @@ class SparsityEngine:
         if missing:
             raise SparsityConfigError(f"the checkpoint has masks for {missing[:4]}, which this model does not have")
         self.targets = {n: params[n] for n in state["targets"]}
+        self.layouts = target_layouts(model, self.targets)
         self.shards = check_sharding(self.targets, self.method)
         self._load(state, self._loaded_path)
         if state.get("final") is False:
@@ -663,7 +667,7 @@ class SparsityEngine:
         if self.masks is None:
             return
         kept = sum(total_counts(self.masks, self.shards).values())
-        aims = self.method.final_kept(self.shapes)
+        aims = self.method.final_kept(self.shapes, self.layouts)
         if kept < aims:
             total = sum(math.prod(s) for s in self.shapes.values())
             _warn(

@@ -10,11 +10,15 @@ Plain torch only (no Lightning); see ``docs/export.md``.
   where it is faster, for inference only.
 * :func:`to_semi_structured`: 2:4 sparse ``nn.Linear`` weights -> ``torch.sparse`` semi-structured
   tensors (CUDA, compute capability >= 8.0).
+* :func:`is_n_m_sparse`, :func:`n_m_mask`, :func:`n_m_report`: N:M checks along each layer's real input
+  dim (:mod:`sparsetrain.core.layouts`: Hugging Face ``Conv1D`` along dim 0, convolutions over input
+  channels at each kernel position by default).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import logging
 import os
 import statistics
@@ -42,6 +46,7 @@ __all__ = [
     "make_permanent",
     "median_ms",
     "n_m_mask",
+    "n_m_report",
     "pack_bits",
     "permanent_state_dict",
     "save_compressed",
@@ -505,29 +510,95 @@ def to_sparse_inference(
 
 
 # ----------------------------------------------------------------------------- 2:4 on CUDA
-def _groups(weight: Tensor, m: int) -> Tensor:
-    if weight.dim() < 2:
-        raise ValueError(f"N:M sparsity needs a weight of 2 or more dims, got shape {tuple(weight.shape)}")
-    w = weight.reshape(weight.shape[0], -1)  # (out, in * kernel): groups run along the input dim
-    if w.shape[1] % m:
-        raise ValueError(f"input size {w.shape[1]} is not a multiple of m={m}")
-    return w.reshape(w.shape[0], -1, m)
+# The N:M reading of a layer's weight: the rule of sparsetrain.core.layouts, restated here because this module
+# needs only torch (tests/test_layouts.py checks that both give the same groups for every kind of layer).
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+NM_LAYOUTS = ("channels", "flat")
 
 
-def is_n_m_sparse(weight: Tensor, n: int = 2, m: int = 4) -> bool:
-    """Whether every group of ``m`` consecutive weights along the input dim (the last dim of a
-    Linear weight; ``weight.reshape(out, -1)`` for a conv) holds at most ``n`` non-zeros. False
-    when the input size is not a multiple of ``m``."""
-    if weight.dim() < 2 or weight.reshape(weight.shape[0], -1).shape[1] % m:
+def _reading(weight: Tensor | nn.Module, nm_layout: str) -> tuple[Tensor, tuple[int, ...], int, str]:
+    """``(weight, dims, run, name)``: groups of ``m`` are consecutive in ``weight.permute(dims)``, and ``m`` must
+    divide ``run`` (the inputs of one output, one conv group's); ``name`` says which reading it is."""
+    if nm_layout not in NM_LAYOUTS:
+        raise ValueError(f"nm_layout={nm_layout!r}; allowed: {', '.join(map(repr, NM_LAYOUTS))}")
+    module = weight if isinstance(weight, nn.Module) else None
+    w = (module.weight if module is not None else weight).detach()
+    shape, nd, flat = tuple(w.shape), w.dim(), nm_layout == "flat"
+    kernel = tuple(range(2, nd))
+    if isinstance(module, _CONV_TRANSPOSE):
+        per_group = shape[0] // module.groups
+        if flat:
+            return w, (1, 0, *kernel), per_group * math.prod(shape[2:]), "conv_transpose flat"
+        return w, (1, *kernel, 0), per_group, "conv_transpose channels"
+    if isinstance(module, _CONV):
+        if flat:
+            return w, tuple(range(nd)), math.prod(shape[1:]), "conv flat"
+        return w, (0, *kernel, 1), shape[1], "conv channels"
+    if module is not None and nd == 2 and any(c.__name__ == "Conv1D" for c in type(module).__mro__):
+        return w, (1, 0), shape[0], "hf_conv1d (in, out)"
+    name = "linear" if isinstance(module, nn.Linear) else "rows"
+    return w, tuple(range(nd)), math.prod(shape[1:]) if nd >= 2 else 0, name
+
+
+def _groups(weight: Tensor | nn.Module, m: int, nm_layout: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+    """``(groups, weight, dims)``: the weight's groups of ``m`` as ``(count, m)``."""
+    w, dims, run, name = _reading(weight, nm_layout)
+    if w.dim() < 2:
+        raise ValueError(f"N:M sparsity needs a weight of 2 or more dims, got shape {tuple(w.shape)}")
+    if run % m:
+        raise ValueError(f"input size {run} ({name}) is not a multiple of m={m}")
+    return w.permute(dims).reshape(-1, m), w, dims
+
+
+def is_n_m_sparse(weight: Tensor | nn.Module, n: int = 2, m: int = 4, nm_layout: str = "channels") -> bool:
+    """Whether every group of ``m`` consecutive weights along the input dim holds at most ``n`` non-zeros.
+
+    ``weight``: a layer, read along its real input dim: ``nn.Linear`` along dim 1, Hugging Face ``Conv1D``
+    (weight ``(in, out)``) along dim 0, a convolution over its input channels at each kernel position
+    (``nm_layout="channels"``: NVIDIA's sparse convolutions) or over ``weight.reshape(out, -1)`` (``"flat"``),
+    a transposed convolution over its input channels (dim 0); or a tensor, read as ``weight.reshape(out, -1)``
+    (a Linear weight). False when the input size is not a multiple of ``m``.
+    """
+    w, dims, run, _ = _reading(weight, nm_layout)
+    if w.dim() < 2 or run % m:
         return False
-    return bool(((_groups(weight, m) != 0).sum(-1) <= n).all())
+    return bool(((_groups(weight, m, nm_layout)[0] != 0).sum(-1) <= n).all())
 
 
-def n_m_mask(weight: Tensor, n: int = 2, m: int = 4) -> Tensor:
-    """Mask keeping the ``n`` largest ``|w|`` of every group of ``m`` along the input dim."""
-    g = _groups(weight.detach(), m).abs().float()
+def n_m_mask(weight: Tensor | nn.Module, n: int = 2, m: int = 4, nm_layout: str = "channels") -> Tensor:
+    """Mask keeping the ``n`` largest ``|w|`` of every group of ``m`` along the input dim (read as in
+    :func:`is_n_m_sparse`), shaped like the weight."""
+    g, w, dims = _groups(weight, m, nm_layout)
+    g = g.abs().float()
     keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(n, dim=-1).indices, True)
-    return keep.reshape(weight.shape)
+    inverse = sorted(range(len(dims)), key=dims.__getitem__)
+    return keep.reshape([w.shape[d] for d in dims]).permute(inverse).contiguous()
+
+
+@torch.no_grad()
+def n_m_report(model: nn.Module, n: int = 2, m: int = 4, nm_layout: str = "channels") -> dict[str, dict]:
+    """Check every ``Linear``, convolution, transposed convolution and Hugging Face ``Conv1D`` of ``model``
+    for N:M along its real input dim, and say how each was read.
+
+    ``{layer: {"layout", "fits", "groups", "over_n", "n_m"}}``: the reading (``"linear"``, ``"hf_conv1d (in,
+    out)"``, ``"conv channels"``, ...), whether its input size is a multiple of ``m``, the number of groups, how
+    many hold more than ``n`` non-zeros, and whether the layer is N:M (``over_n == 0``; ``False`` when it does
+    not fit). ``nm_layout``: ``channels`` (the layout of NVIDIA's sparse convolutions: apex ASP, TensorRT) or
+    ``flat``, as the model was trained with (``structure=..., nm_layout=...``).
+    """
+    report = {}
+    for name, module in model.named_modules():
+        is_conv1d = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
+        if not isinstance(module, (nn.Linear, *_CONV, *_CONV_TRANSPOSE)) and not is_conv1d:
+            continue
+        if not isinstance(getattr(module, "weight", None), Tensor):
+            continue
+        w, _, run, layout = _reading(module, nm_layout)
+        fits = w.dim() >= 2 and run % m == 0
+        over = int(((_groups(module, m, nm_layout)[0] != 0).sum(-1) > n).sum()) if fits else None
+        report[name] = {"layout": layout, "fits": fits, "groups": w.numel() // m if fits else 0, "over_n": over, "n_m": over == 0}
+    return report
 
 
 def _semi_structured_backend():

@@ -58,6 +58,7 @@ from sparsetrain.callback import SparsityCallback
 from sparsetrain.checkpoint import without_sparsity
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.imp import COUNTING, PRUNING, check_fraction, imp_masks, layer_fraction_map, random_masks_like
+from sparsetrain.core.layouts import NM_LAYOUTS, target_layouts
 from sparsetrain.core.masks import reset_optimizer_state_
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.schedules import resolve_step
@@ -97,8 +98,9 @@ class Lottery:
         the rewind point; ``False`` starts every level with a fresh optimizer (OpenLTH), the LR schedule and
         step still at ``k``. structure: ``None`` or ``"N:M"``: levels that end N:M (every level keeps at least
         ``N`` of every ``M`` weights, and from the level whose density reaches ``N/M`` on exactly ``N``), with
-        ``indivisible`` (``dense`` | ``unstructured`` | ``error``) for layers that cannot hold it; see
-        :mod:`sparsetrain.core.imp`.
+        ``indivisible`` (``dense`` | ``unstructured`` | ``error``) for layers that cannot hold it and
+        ``nm_layout`` (``channels`` | ``flat``: how a convolution's groups run, :mod:`sparsetrain.core.layouts`);
+        see :mod:`sparsetrain.core.imp`.
         fingerprint: anything else that must match when a run folder is reused. logger: where the one line per
         level goes (default: the ``sparsetrain.lottery`` logger).
 
@@ -143,12 +145,14 @@ class Lottery:
         rewind_optimizer: bool = True,
         structure: str | None = None,
         indivisible: str = "dense",
+        nm_layout: str = "channels",
         logger: logging.Logger | None = None,
     ):
         self.log = logger or log  # one line per level
         check_fraction(prune_fraction, "lottery.prune_fraction")
         structure = None if NMStructure.parse(structure, "lottery.structure") is None else str(NMStructure.parse(structure))
         _choice("indivisible", indivisible, ("dense", "unstructured", "error"))
+        _choice("nm_layout", nm_layout, NM_LAYOUTS)
         if structure is not None and counting == "openlth":
             raise SparsityConfigError("lottery.counting=openlth has no N:M structure: use lottery.counting=closed_form with lottery.structure")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
@@ -169,8 +173,11 @@ class Lottery:
         if counting == "openlth" and (pruning != "global" or layer_fractions):
             raise SparsityConfigError("lottery.counting=openlth is OpenLTH's sparse_global: use lottery.pruning=global without layer_fractions")
         # reference conventions enter the folder's fingerprint only when used (older folders stay valid)
-        reference = dict(ignore=list(ignore or []), counting=counting, rewind_optimizer=rewind_optimizer, structure=structure, indivisible=indivisible)
-        defaults = dict(ignore=[], counting="closed_form", rewind_optimizer=True, structure=None, indivisible="dense")
+        reference = dict(
+            ignore=list(ignore or []), counting=counting, rewind_optimizer=rewind_optimizer, structure=structure,
+            indivisible=indivisible, nm_layout=nm_layout if structure is not None else None,  # with a structure, always
+        )
+        defaults = dict(ignore=[], counting="closed_form", rewind_optimizer=True, structure=None, indivisible="dense", nm_layout=None)
         reference = {k: v for k, v in reference.items() if v != defaults[k]}
         self.make_module, self.make_datamodule, self.make_trainer = make_module, make_datamodule, make_trainer
         self.root = Path(dir)
@@ -240,7 +247,7 @@ class Lottery:
         if last.is_file() and (level > 0 or rewind.is_file()):  # half-finished level: continue it
             ckpt = last
         else:
-            masks = self._masks(level, self.selection.select(module))
+            masks = self._masks(level, module)
             if _rank0():  # under DDP every rank runs this script; rank 0 alone writes files
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
@@ -297,7 +304,8 @@ class Lottery:
             (folder / "result.json").write_text(json.dumps(result, indent=2))
         return result
 
-    def _masks(self, level: int, targets: dict) -> dict:
+    def _masks(self, level: int, module) -> dict:
+        targets = self.selection.select(module)
         if level == 0:
             return {n: torch.ones(t.shape, dtype=torch.bool) for n, t in targets.items()}
         main = self.root / f"level_{level:02d}" / "masks.pt"
@@ -326,12 +334,16 @@ class Lottery:
             self.params.get("counting", "closed_form"),
             self.params.get("structure"),
             self.params.get("indivisible", "dense"),
+            target_layouts(module, targets),
+            self.params.get("nm_layout") or "channels",
         )
 
     def _check_folder(self) -> None:
         """The settings must match those the folder was made with (a control's: those of the main run too)."""
         for saved in dict.fromkeys([self.root / "lottery.json", self.out / "lottery.json"]):
             old = json.loads(saved.read_text()) if saved.is_file() else self.params
+            if old.get("structure") and "nm_layout" not in old:  # folders from before nm_layout grouped convs flat
+                old = {**old, "nm_layout": "flat"}
             keys = (set(old) | set(self.params)) - ({"control_seed"} if saved.parent != self.out else set())
             diff = [k for k in sorted(keys) if old.get(k) != self.params.get(k)]
             if diff:

@@ -22,6 +22,7 @@ from sparsetrain.core.masks import magnitude_scores, topk_masks  # noqa: E402
 from sparsetrain.core.regrowth import drop_and_grow_layers  # noqa: E402
 from sparsetrain.core.report import sparsity_report  # noqa: E402
 from sparsetrain.core.select import select  # noqa: E402
+from sparsetrain.core.layouts import Layout  # noqa: E402
 from sparsetrain.core.shards import Piece, Shards, total_counts  # noqa: E402
 from sparsetrain.methods import GMP, SET, FixedMasks, GraNet, RigL, Static  # noqa: E402
 from sparsetrain.methods.base import SparsityContext  # noqa: E402
@@ -38,7 +39,7 @@ def rows(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 def piece_of(t, name, rank, world):
-    a, b = rows(SHAPES[name][0], rank, world)
+    a, b = rows(t.shape[0], rank, world)
     return t[a:b]
 
 
@@ -46,11 +47,14 @@ def gather(local_masks, shards):
     """The whole masks from the pieces (all_gather_object: verification only)."""
     parts = [None] * shards.world
     dist.all_gather_object(parts, {n: m.cpu() for n, m in local_masks.items()})
-    return {n: torch.cat([p[n] for p in parts]).view(SHAPES[n]) for n in local_masks}
+    return {n: torch.cat([p[n] for p in parts]).view(shards.pieces[n].shape) for n in local_masks}
 
 
 def cases():
     nm = {"fc1": (33, 180), "fc2": (24, 64), "one": (1, 32)}  # rows of whole groups of 4
+    # groups along dim 0 (HF Conv1D (in, out), ConvTranspose (in, out/g, k, k)): 24 rows give 12 or 8 per rank, whole groups
+    dim0 = {"c_attn": (24, 12), "up": (24, 3, 2, 2), "fc1": (24, 64)}
+    dim0_layouts = {"c_attn": Layout("hf_conv1d"), "up": Layout("conv_transpose", groups=2), "fc1": Layout("linear")}
     return {
         "static_erk": (Static(0.9, "erk"), "init", None),
         "static_uniform": (Static(0.8, "uniform"), "init", None),
@@ -61,6 +65,8 @@ def cases():
         "gmp_2:4_groups": (GMP(0.5, distribution="uniform", end=100, every=10, structure="2:4", structure_schedule="groups"), "update", nm),
         "rigl_erk": (RigL(0.9, every=10, end=150), "update", None),
         "rigl_2:4": (RigL(0.5, "uniform", every=10, end=150, structure="2:4"), "update", nm),
+        "rigl_2:4_dim0": (RigL(0.5, "uniform", every=10, end=150, structure="2:4"), "update", dim0, dim0_layouts),
+        "gmp_2:4_dim0": (GMP(0.5, distribution="uniform", end=10, every=5, structure="2:4"), "update", dim0, dim0_layouts),
         "set_erk": (SET(0.9, every=10, end=150), "update", None),
         "granet_global": (GraNet(0.9, initial_density=0.5, every=10, start=0, end=100), "update", None),
         "granet_layerwise": (GraNet(0.9, initial_density=0.5, pruning="layerwise", every=10, start=0, end=100), "update", None),
@@ -72,8 +78,8 @@ def run(rank, world, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     results = {}
-    for case, (method, what, shapes) in cases().items():
-        shapes = shapes or SHAPES
+    for case, (method, what, shapes, *layouts) in cases().items():
+        shapes, layouts = shapes or SHAPES, (layouts or [None])[0]
         g = torch.Generator().manual_seed(1)
         weights = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
         grads = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
@@ -89,19 +95,24 @@ def run(rank, world, port, out):
         step = 10 if what == "update" else 0
         if what == "init":
             whole_masks, local_masks = (
-                method.init_masks(SparsityContext(weights, None, TOTAL, torch.Generator().manual_seed(7))),
-                method.init_masks(SparsityContext(local(weights), None, TOTAL, torch.Generator().manual_seed(7), shards=shards)),
+                method.init_masks(SparsityContext(weights, None, TOTAL, torch.Generator().manual_seed(7), layouts=layouts)),
+                method.init_masks(SparsityContext(local(weights), None, TOTAL, torch.Generator().manual_seed(7), shards=shards, layouts=layouts)),
             )
         else:
-            ctx_whole = SparsityContext(weights, None, TOTAL, torch.Generator().manual_seed(7))
+            ctx_whole = SparsityContext(weights, None, TOTAL, torch.Generator().manual_seed(7), layouts=layouts)
             init_whole = method.init_masks(ctx_whole)
-            init_local = method.init_masks(SparsityContext(local(weights), None, TOTAL, torch.Generator().manual_seed(7), shards=shards))
-            whole_masks = method.update(SparsityContext(weights, init_whole, TOTAL, torch.Generator().manual_seed(8)), step, grads)
+            init_local = method.init_masks(
+                SparsityContext(local(weights), None, TOTAL, torch.Generator().manual_seed(7), shards=shards, layouts=layouts)
+            )
+            whole_masks = method.update(SparsityContext(weights, init_whole, TOTAL, torch.Generator().manual_seed(8), layouts=layouts), step, grads)
             local_masks = method.update(
-                SparsityContext(local(weights), init_local, TOTAL, torch.Generator().manual_seed(8), shards=shards), step, local(grads)
+                SparsityContext(local(weights), init_local, TOTAL, torch.Generator().manual_seed(8), shards=shards, layouts=layouts),
+                step, local(grads),
             )
         gathered = gather(local_masks, shards)
         counts = total_counts(local_masks, shards)
+        if layouts is not None:  # the whole masks are 2:4 along dim 0 where the inputs are (so the pieces are too)
+            assert all((whole_masks[n].unfold(0, 4, 4).sum(-1) == 2).all() for n in ("c_attn", "up")), case
         if rank == 0:
             results[case] = {
                 "equal": all(torch.equal(gathered[n], whole_masks[n]) for n in shapes),

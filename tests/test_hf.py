@@ -177,3 +177,28 @@ def test_a_conv1d_is_found_by_class_name_without_transformers():
     assert layer_counts({"0.weight": (4, 8), "2.weight": (2, 8)}, 0.5, "erk") == layer_counts(
         {"0.weight": (8, 4), "2.weight": (2, 8)}, 0.5, "erk"
     )  # budgets see only the shape: the transposed storage changes nothing
+
+
+def test_gpt2_conv1d_2_4_groups_run_along_the_input_dim_in_the_saved_model(transformers, tmp_path):
+    """Issue 21, item 4: Conv1D stores (in, out); its N:M groups are 4 consecutive inputs along dim 0. RigL moves
+    the masks (regrowth inside the groups), and the model saved with save_pretrained is 2:4 along its inputs."""
+    from sparsetrain import export
+
+    torch.manual_seed(0)
+    hf = gpt2(transformers)
+    cb = SparsityCallback(RigL(0.5, "uniform", structure="2:4", every=2, drop_fraction=0.5, end=6))
+    trainer(max_steps=STEPS, max_epochs=-1, callbacks=[cb]).fit(HFModule(hf, "lm"), loader("lm"))
+    hf.save_pretrained(tmp_path)
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    for model in (hf, loaded):
+        params = dict(model.named_parameters())
+        for n in CONV1D:
+            w, mask = params[n].detach(), cb.masks[f"hf.{n}"]
+            assert ((mask.unfold(0, 4, 4).sum(-1)) == 2).all(), n  # every 4 inputs of every output keep 2
+            assert ((w != 0).unfold(0, 4, 4).sum(-1) <= 2).all() and ((w != 0) & ~mask).sum() == 0, n
+        wte = params["transformer.wte.weight"].detach()  # the tied lm_head, an nn.Linear: along dim 1
+        assert ((wte != 0).unfold(1, 4, 4).sum(-1) <= 2).all()
+    conv1d = [m for m in loaded.modules() if isinstance(m, transformers.pytorch_utils.Conv1D)]
+    assert len(conv1d) == 8 and all(export.is_n_m_sparse(m) for m in conv1d)
+    assert not any(export.is_n_m_sparse(m.weight) for m in conv1d)  # a bare (in, out) tensor is read along dim 1
+    assert all(r["n_m"] for r in export.n_m_report(loaded).values())

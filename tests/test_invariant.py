@@ -16,7 +16,6 @@ import torch
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback, ModelCheckpoint, StochasticWeightAveraging
 from lightning.pytorch.tuner import Tuner
 from torch import nn
-from torch.utils.data import DataLoader
 
 from sparsetrain import SparsityCallback, SparsityModelCheckpoint
 from sparsetrain.methods import GMP, SRSTE, RigL, Static

@@ -11,6 +11,7 @@ from sparsetrain.core.masks import (
     reset_optimizer_state_,
     topk_masks,
 )
+from sparsetrain.core.layouts import Layout, target_layouts
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.schedules import cosine_decay, is_update_step, resolve_step, scheduled_sparsity
@@ -18,6 +19,7 @@ from sparsetrain.core.targets import select_targets
 
 __all__ = [
     "DISTRIBUTIONS",
+    "Layout",
     "Masks",
     "NMStructure",
     "SparsityConfigError",
@@ -36,5 +38,6 @@ __all__ = [
     "scheduled_sparsity",
     "select_targets",
     "sparsity_report",
+    "target_layouts",
     "topk_masks",
 ]

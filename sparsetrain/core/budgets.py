@@ -14,7 +14,8 @@ fixed budget per layer: one magnitude threshold over all targets decides (see
 Counts are exact integers: the total kept count is ``round((1 - s) * sum N_l)`` and each
 layer is within one weight of its real-valued share (largest-remainder rounding).
 
-``structure="N:M"`` (see :mod:`sparsetrain.core.nm`): every layer whose input size is a multiple
+``structure="N:M"`` (see :mod:`sparsetrain.core.nm`): every layer whose inputs per output (in the
+target's layout, :mod:`sparsetrain.core.layouts`; ``nm_layout`` picks a convolution's) are a multiple
 of ``M`` keeps exactly ``N`` of every ``M`` weights at the final sparsity ``1 - N/M`` (and at
 least ``N`` per group below it, for gradual pruning). Layers that cannot hold the structure
 (``indivisible``) stay ``dense``, are pruned ``unstructured`` at the same sparsity, or make the
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.layouts import NM_LAYOUTS, Layout, check_pieces, groupings
 from sparsetrain.core.masks import Masks, global_topk_masks, topk_masks
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.shards import Shards, full_shapes
@@ -42,6 +44,7 @@ DISTRIBUTIONS = ("uniform", "erk", "er", "global")
 LAYER_DISTRIBUTIONS = ("uniform", "erk", "er")  # a fixed count per layer (what RigL, SET and Static need)
 OVERRIDES_MODES = ("exact", "outside")  # the rest share what is left (global sparsity exact) | overrides leave the budget
 INDIVISIBLE = ("dense", "unstructured", "error")  # N:M: layers whose input size is not a multiple of M
+GLOBAL = "*"  # the pool of the targets that distribution="global" ranks together (see Budget.pool_counts)
 
 
 def check_distribution(distribution: str, allowed: tuple[str, ...] = DISTRIBUTIONS) -> str:
@@ -177,6 +180,33 @@ def global_counts(
     return fixed_counts, keep
 
 
+def monotone_counts(counts: Mapping[str, int], held: Mapping[str, int], final: Mapping[str, int]) -> dict[str, int]:
+    """Kept counts for a pruning step that only prunes: ``counts`` where they lie in ``[final, held]``.
+
+    A count above what its pool holds (``held``: pruned weights never come back) is lowered to it, one
+    below its count at the end of the schedule (``final``) is raised to that; then the total is brought
+    back to ``sum(counts)`` by moving the difference onto the pools with the most room inside their bounds
+    (``held - count`` to give, ``count - final`` to take; ties in name order), as far as the bounds allow.
+    So counts never increase from step to step, and a step whose ``counts`` are ``final`` ends exactly on
+    them (largest-remainder rounding alone can give a layer one weight less just before the end).
+
+    Example::
+
+        >>> monotone_counts({"a": 14, "b": 1639}, held={"a": 15, "b": 1700}, final={"a": 15, "b": 1638})
+        {'a': 15, 'b': 1638}
+    """
+    out = {n: min(max(c, final[n]), held[n]) for n, c in counts.items()}
+    excess = sum(out.values()) - sum(counts.values())
+    room = {n: out[n] - final[n] if excess > 0 else held[n] - out[n] for n in out}
+    for n in sorted(out, key=lambda n: -room[n]):  # stable: ties keep the name order of ``counts``
+        if excess == 0:
+            break
+        move = min(max(room[n], 0), abs(excess))
+        out[n] += -move if excess > 0 else move
+        excess += move if excess < 0 else -move
+    return out
+
+
 @dataclass(frozen=True)
 class Budget:
     """How a global sparsity is shared among the targets: the one budget object of every method.
@@ -188,7 +218,11 @@ class Budget:
     global sparsity is exact) or ``outside`` (rigl's convention: overridden layers leave the
     budget, the others are solved at ``sparsity`` among themselves). ``structure``: ``None``
     (unstructured) or ``"N:M"``, with ``indivisible`` (``dense``, ``unstructured`` or ``error``) for
-    the layers that cannot hold it (module docstring). Values are checked at construction;
+    the layers that cannot hold it (module docstring) and ``nm_layout`` (``channels`` or ``flat``: how a
+    convolution's groups run, :mod:`sparsetrain.core.layouts`). Methods that take target layouts
+    (``layouts``: ``{name: Layout}``, :func:`~sparsetrain.core.layouts.target_layouts`) read each target's
+    groups along its real input dim; without them, every target is read as ``weight.reshape(rows, -1)``.
+    Values are checked at construction;
     :meth:`check` runs the arithmetic on the real target shapes at fit start, so a budget that
     cannot be met fails before training.
 
@@ -204,12 +238,14 @@ class Budget:
     overrides_mode: str = "exact"
     structure: str | None = None
     indivisible: str = "dense"
+    nm_layout: str = "channels"
     allowed: tuple[str, ...] = field(default=DISTRIBUTIONS, compare=False, repr=False)
 
     def __post_init__(self):
         check_distribution(self.distribution, self.allowed)
         check_choice(self.overrides_mode, "overrides_mode", OVERRIDES_MODES)
         check_choice(self.indivisible, "indivisible", INDIVISIBLE)
+        check_choice(self.nm_layout, "nm_layout", NM_LAYOUTS)
         object.__setattr__(self, "power", check_number(self.power, "power", meaning="ERK exponent: 1 = ERK, 0 = uniform"))
         object.__setattr__(self, "overrides", check_globs(self.overrides, "overrides"))
         nm = NMStructure.parse(self.structure)
@@ -238,55 +274,90 @@ class Budget:
             )
         return sparsity
 
-    def split(self, shapes: Mapping[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
-        """``(structured, indivisible, overridden)`` target names; all unstructured without a structure."""
-        nm = self.nm
-        overridden = list(resolve_overrides(list(shapes), self.overrides)) if self.overrides else []
-        if nm is None:
-            return [], [], overridden
-        rest = [n for n in shapes if n not in overridden]
-        return [n for n in rest if nm.fits(shapes[n])], [n for n in rest if not nm.fits(shapes[n])], overridden
+    def structured(
+        self, shapes: Mapping[str, tuple[int, ...]], layouts: Mapping[str, Layout] | None = None, shards=None
+    ) -> dict[str, NMStructure]:
+        """The targets that hold the structure, each with the structure bound to its reading (``nm.on(grouping)``).
 
-    def _unstructured(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        ``shards``: the targets are sharded by dim 0; a shard that would split a group fails here
+        (:func:`~sparsetrain.core.layouts.check_pieces`).
+        """
+        nm = self.nm
+        if nm is None:
+            return {}
+        overridden = set(resolve_overrides(list(shapes), self.overrides)) if self.overrides else set()
+        found = {n: g for n, g in groupings(shapes, layouts, self.nm_layout).items() if n not in overridden and g.fits(nm.m)}
+        if shards is not None:
+            check_pieces(found, shards.pieces, shapes, nm.m)
+        return {n: nm.on(g) for n, g in found.items()}
+
+    def split(
+        self, shapes: Mapping[str, tuple[int, ...]], layouts: Mapping[str, Layout] | None = None
+    ) -> tuple[list[str], list[str], list[str]]:
+        """``(structured, indivisible, overridden)`` target names; all unstructured without a structure."""
+        overridden = list(resolve_overrides(list(shapes), self.overrides)) if self.overrides else []
+        if self.nm is None:
+            return [], [], overridden
+        structured = self.structured(shapes, layouts)
+        return list(structured), [n for n in shapes if n not in structured and n not in overridden], overridden
+
+    def _unstructured(self, shapes: Mapping[str, tuple[int, ...]], layouts=None) -> dict[str, tuple[int, ...]]:
         """The targets a structured budget prunes without structure: overridden, and indivisible ones if so chosen."""
-        _, indivisible, overridden = self.split(shapes)
+        _, indivisible, overridden = self.split(shapes, layouts)
         names = set(overridden) | (set(indivisible) if self.indivisible == "unstructured" else set())
         return {n: s for n, s in shapes.items() if n in names}
 
-    def counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> dict[str, int]:
+    def counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float, layouts: Mapping[str, Layout] | None = None) -> dict[str, int]:
         """Kept weights per layer (``uniform``, ``erk``, ``er``)."""
         if self.nm is None:
             return layer_counts(shapes, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode)
         counts = {n: math.prod(s) for n, s in shapes.items()}  # structured: (1 - s) of each; indivisible dense: all
-        structured, _, _ = self.split(shapes)
+        structured, _, _ = self.split(shapes, layouts)
         counts.update({n: round((1.0 - sparsity) * counts[n]) for n in structured})
-        loose = self._unstructured(shapes)
+        loose = self._unstructured(shapes, layouts)
         if loose:
             counts.update(layer_counts(loose, sparsity, "uniform", 1.0, self.overrides, "outside"))
         return counts
 
-    def kept(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float) -> int:
-        """How many weights all targets keep in total at ``sparsity``."""
-        if self.distribution == "global":
-            fixed, keep = global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
-            return keep + sum(fixed.values())
-        return sum(self.counts(shapes, sparsity).values())
+    def pool_counts(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float, layouts: Mapping[str, Layout] | None = None) -> dict[str, int]:
+        """Kept weights per pool: per layer (:meth:`counts`), or for ``global`` each overridden layer's and
+        the shared count of the others under the key :data:`GLOBAL`."""
+        if self.distribution != "global":
+            return self.counts(shapes, sparsity, layouts)
+        fixed, keep = global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
+        return {**fixed, GLOBAL: keep}
 
-    def check(self, shapes: Mapping[str, tuple[int, ...]], *sparsities: float) -> None:
+    def pooled(self, values: Mapping[str, int], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, int]:
+        """Per-target ``values`` (e.g. active weights) summed into the pools of :meth:`pool_counts`."""
+        if self.distribution != "global":
+            return dict(values)
+        fixed = resolve_overrides(list(shapes), self.overrides)
+        out = {n: values[n] for n in fixed}
+        out[GLOBAL] = sum(v for n, v in values.items() if n not in fixed)
+        return out
+
+    def kept(self, shapes: Mapping[str, tuple[int, ...]], sparsity: float, layouts: Mapping[str, Layout] | None = None) -> int:
+        """How many weights all targets keep in total at ``sparsity``."""
+        return sum(self.pool_counts(shapes, sparsity, layouts).values())
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]], *sparsities: float, layouts: Mapping[str, Layout] | None = None) -> None:
         """Raise now if any of ``sparsities`` cannot be met on targets of these shapes.
 
         With a structure, warn once about the layers that cannot hold it (or raise for ``indivisible="error"``).
         """
         nm = self.nm
         if nm is not None:
-            _, indivisible, _ = self.split(shapes)
+            _, indivisible, _ = self.split(shapes, layouts)
             if indivisible:
-                listed = ", ".join(f"{n} {tuple(shapes[n])}" for n in indivisible[:6]) + (", ..." if len(indivisible) > 6 else "")
+                read = groupings({n: shapes[n] for n in indivisible}, layouts, self.nm_layout)
+                listed = ", ".join(f"{n} {tuple(shapes[n])} [{read[n].name}, runs of {read[n].run}]" for n in indivisible[:6])
+                listed += ", ..." if len(indivisible) > 6 else ""
                 if self.indivisible == "error":
                     raise SparsityConfigError(
-                        f"structure={self.structure!r}: {len(indivisible)} targets have an input size (in * kernel) that is not "
-                        f"a multiple of {nm.m}: {listed}. Allowed: indivisible='dense' (keep them dense), 'unstructured' "
-                        "(prune them without structure), or exclude them from the targets"
+                        f"structure={self.structure!r}: {len(indivisible)} targets have an input size (inputs per output, "
+                        f"in nm_layout={self.nm_layout!r} for convolutions) that is not a multiple of {nm.m}: {listed}. "
+                        "Allowed: indivisible='dense' (keep them dense), 'unstructured' (prune them without structure), "
+                        "or exclude them from the targets"
                     )
                 warnings.warn(
                     f"structure={self.structure!r}: {len(indivisible)} targets cannot hold it (input size not a multiple of "
@@ -295,30 +366,33 @@ class Budget:
                     stacklevel=2,
                 )
         for sparsity in sparsities:
-            if self.distribution == "global":
-                global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
-            else:
-                self.counts(shapes, sparsity)
+            self.pool_counts(shapes, sparsity, layouts)
 
-    def masks(self, scores, sparsity: float, shards=None):
+    def masks(self, scores, sparsity: float, shards=None, layouts: Mapping[str, Layout] | None = None, counts=None):
         """Keep the highest ``scores`` under this budget (see :func:`budget_masks`).
 
         Structured layers keep the ``N`` highest of every group at ``sparsity = 1 - N/M``; below it,
         their top ``round((1 - sparsity) * numel)`` with the ``N`` highest of every group first.
-        ``shards`` (:class:`~sparsetrain.core.shards.Shards`): ``scores`` are this rank's pieces of
-        sharded targets; counts and selections are over the whole tensors (N:M groups lie inside rows,
-        which are never split).
+        ``layouts``: each target's layout (groups along its real input dim). ``counts``: the kept count of
+        every pool (:meth:`pool_counts`, the default; GMP passes its monotone counts). ``shards``
+        (:class:`~sparsetrain.core.shards.Shards`): ``scores`` are this rank's pieces of sharded targets;
+        counts and selections are over the whole tensors (N:M groups never cross a shard:
+        :meth:`structured` checks it).
         """
-        nm = self.nm
-        if nm is None:
-            return budget_masks(scores, sparsity, self.distribution, self.power, self.overrides, self.overrides_mode, shards)
         shapes = full_shapes(scores, shards)
-        structured, _, _ = self.split(shapes)
-        counts = self.counts(shapes, sparsity)
-        final = sparsity >= nm.sparsity - 1e-9
-        out = {n: nm.mask(scores[n]) if final else None for n in structured}
-        out.update(topk_masks({n: nm.protect(scores[n]) for n in structured if out[n] is None}, counts, shards))
-        out.update(topk_masks({n: s for n, s in scores.items() if n not in out}, counts, shards))
+        counts = self.pool_counts(shapes, sparsity, layouts) if counts is None else counts
+        structured = self.structured(shapes, layouts, shards)
+        nm = self.nm
+        final = nm is not None and sparsity >= nm.sparsity - 1e-9
+        out = {n: s.mask(scores[n]) for n, s in structured.items()} if final else {}
+        out.update(topk_masks({n: s.protect(scores[n]) for n, s in structured.items() if n not in out}, counts, shards))
+        if self.distribution == "global":
+            pooled = {n: v for n, v in scores.items() if n not in counts}
+            out.update(topk_masks({n: v for n, v in scores.items() if n in counts}, counts, shards))
+            if pooled:
+                out.update(global_topk_masks(pooled, counts[GLOBAL], shards))
+        else:
+            out.update(topk_masks({n: v for n, v in scores.items() if n not in out}, counts, shards))
         return {n: out[n] for n in scores}
 
 

@@ -30,7 +30,9 @@ largest ``|w|`` of every group of ``M`` kept first, and never below ``N/M`` of t
 every level keeps at least ``N`` per group and the first level whose density reaches ``N/M``
 (and every later one) is exactly N:M. Under ``global`` the threshold pools only these layers; the
 ones that cannot hold the structure stay dense (``indivisible="dense"``) or are pruned layer-wise
-by ``fraction`` (``"unstructured"``).
+by ``fraction`` (``"unstructured"``). Groups run along each target's real input dim where ``layouts``
+(:func:`~sparsetrain.core.layouts.target_layouts`) are given, with ``nm_layout`` for convolutions
+(:mod:`sparsetrain.core.layouts`); without them, along the rows of ``weight.reshape(rows, -1)``.
 
 Example::
 
@@ -49,6 +51,7 @@ import torch
 from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.layouts import Layout, groupings
 from sparsetrain.core.masks import Masks, global_topk_masks, magnitude_scores, random_scores, topk_masks
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.validation import check_choice
@@ -96,6 +99,8 @@ def imp_masks(
     counting: str = "closed_form",
     structure: str | None = None,
     indivisible: str = "dense",
+    layouts: Mapping[str, Layout] | None = None,
+    nm_layout: str = "channels",
 ) -> Masks:
     """Masks of level ``level`` from the trained weights and masks of level ``level - 1``."""
     check_choice(pruning, "pruning", PRUNING)
@@ -116,7 +121,8 @@ def imp_masks(
     structured: list[str] = []
     if nm is not None:
         free = [n for n in weights if n not in own and n not in ignored]
-        unfit = [n for n in free if not nm.fits(tuple(weights[n].shape))]
+        read = groupings({n: tuple(weights[n].shape) for n in free}, layouts, nm_layout)
+        unfit = [n for n in free if not read[n].fits(nm.m)]
         if unfit and indivisible == "error":
             raise SparsityConfigError(
                 f"structure={structure!r}: {unfit[:6]} have an input size that is not a multiple of {nm.m}; allowed: "
@@ -124,7 +130,7 @@ def imp_masks(
             )
         own.update({n: 0.0 if indivisible == "dense" else fraction for n in unfit})
         structured = [n for n in free if n not in unfit]
-        scores.update({n: nm.protect(scores[n]) for n in structured})
+        scores.update({n: nm.on(read[n]).protect(scores[n]) for n in structured})
     floor = {n: weights[n].numel() * nm.n // nm.m for n in structured}  # never below N/M of a structured layer
     if pruning == "layerwise":
         own.update({n: fraction for n in weights if n not in own and n not in ignored})

@@ -1,10 +1,12 @@
 """N:M structured sparsity: every group of ``M`` consecutive weights along the input dim keeps ``N``.
 
-Layout. A weight of shape ``(out, in, *kernel)`` is read as the matrix ``weight.reshape(out, -1)``
-(``in * kh * kw`` columns for a conv: the GEMM a convolution lowers to) and every row is cut into
-groups of ``M`` consecutive entries. For ``nn.Linear`` the groups run along ``in_features``, the
-layout that ``torch.sparse.to_sparse_semi_structured`` expects for 2:4. A layer fits ``N:M`` when
-its row length is a multiple of ``M``; then ``weight.reshape(-1, M)`` holds exactly its groups.
+Layout. An unbound structure reads a weight of shape ``(out, in, *kernel)`` as the matrix
+``weight.reshape(out, -1)`` and cuts every row into groups of ``M`` consecutive entries (right for
+``nn.Linear``: the layout ``torch.sparse.to_sparse_semi_structured`` expects for 2:4). Where a layer's
+inputs lie elsewhere (Hugging Face ``Conv1D`` stores ``(in, out)``; hardware 2:4 for a convolution groups
+input channels at each kernel position), bind the target's reading: ``nm.on(grouping)`` with a
+:class:`~sparsetrain.core.layouts.Grouping` (see :mod:`sparsetrain.core.layouts`); every operation below
+then runs on those groups and returns tensors of the weight's shape.
 
 Three operations, all per group and exact:
 
@@ -30,22 +32,25 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
+from sparsetrain.core.layouts import Grouping
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 @dataclass(frozen=True)
 class NMStructure:
-    """``N`` kept of every ``M`` consecutive weights along the input dim (``1 <= N < M``)."""
+    """``N`` kept of every ``M`` consecutive weights along the input dim (``1 <= N < M``), read by
+    ``grouping`` (``None``: the rows of ``weight.reshape(out, -1)``)."""
 
     n: int
     m: int
+    grouping: Grouping | None = field(default=None, compare=False)
 
     @classmethod
     def parse(cls, structure: str | None, key: str = "structure") -> NMStructure | None:
@@ -69,15 +74,28 @@ class NMStructure:
         """``1 - N/M``: the sparsity of every layer that holds this structure."""
         return 1.0 - self.n / self.m
 
+    def on(self, grouping: Grouping | None) -> NMStructure:
+        """This structure read by ``grouping`` (one target's: :meth:`Layout.grouping <sparsetrain.core.layouts.Layout.grouping>`)."""
+        return replace(self, grouping=grouping)
+
     def fits(self, shape: tuple[int, ...]) -> bool:
-        """Whether a weight of ``shape`` (2 or more dims) has a row length that is a multiple of ``M``."""
+        """Whether a weight of ``shape`` (2 or more dims) can hold the structure: its row length (unbound) or
+        the grouping's run is a multiple of ``M``."""
+        if self.grouping is not None:
+            return self.grouping.fits(self.m)
         return len(shape) >= 2 and math.prod(shape[1:]) % self.m == 0
 
     def groups(self, t: Tensor) -> Tensor:
-        """``t`` viewed as ``(number of groups, M)``."""
+        """``t`` as ``(number of groups, M)``."""
+        if self.grouping is not None:
+            return self.grouping.groups(t, self.m)
         if not self.fits(tuple(t.shape)):
             raise ValueError(f"shape {tuple(t.shape)} does not fit {self}: its row length is not a multiple of {self.m}")
         return t.reshape(-1, self.m)
+
+    def ungroup(self, g: Tensor, shape: tuple[int, ...]) -> Tensor:
+        """The inverse of :meth:`groups`: ``g`` as a tensor of ``shape``."""
+        return g.reshape(shape) if self.grouping is None else self.grouping.ungroup(g, tuple(shape))
 
     def mask(self, scores: Tensor, n: int | None = None) -> Tensor:
         """Keep the ``n`` (default ``N``) highest ``scores`` of every group (no NaN in ``scores``).
@@ -92,7 +110,7 @@ class NMStructure:
             keep = torch.zeros(g.shape, dtype=torch.bool, device=scores.device)
             if n > 0:  # ties: torch.topk's order (deterministic for equal inputs on one device)
                 keep.scatter_(1, g.topk(n, dim=1, sorted=False).indices, True)
-            return keep.view(scores.shape)
+            return self.ungroup(keep, scores.shape)
         columns = g.t().contiguous()  # (M, groups): each position of a group is one contiguous row
         beaten = torch.zeros(columns.shape, dtype=torch.uint8, device=scores.device)  # how many rank above
         for i in range(self.m):
@@ -100,7 +118,7 @@ class NMStructure:
                 wins = (columns[i] >= columns[j]).view(torch.uint8)  # a tie goes to i, the lower position
                 beaten[j] += wins
                 beaten[i] += 1 - wins
-        return (beaten < n).t().contiguous().view(scores.shape)
+        return self.ungroup((beaten < n).t(), scores.shape)
 
     def protect(self, scores: Tensor) -> Tensor:
         """``scores`` (float) with the ``N`` highest of every group raised to ``+inf``."""

@@ -26,7 +26,9 @@ finite candidates are left.
 With ``group_size=M`` (N:M masks, see :mod:`sparsetrain.core.nm`) the drop is the same, but
 the growth refills every group of ``M`` consecutive positions to the count it had before the
 drop, with the largest ``|grow_scores|`` of that group: every group keeps its count (``N``), and
-the layer still moves ``k`` positions.
+the layer still moves ``k`` positions. The groups are those of the target's
+:class:`~sparsetrain.core.layouts.Grouping` where one is given (its real input dim), else of
+``mask.reshape(-1)``.
 
 Example::
 
@@ -44,6 +46,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor
 
+from sparsetrain.core.layouts import Grouping
 from sparsetrain.core.select import select
 from sparsetrain.core.shards import Shards, total_counts
 
@@ -60,17 +63,19 @@ def _score(t: Tensor) -> Tensor:
     return t.detach().reshape(-1).abs().float().nan_to_num_(nan=-1.0, posinf=-1.0)
 
 
-def _refill_groups_(out: Tensor, before: Tensor, scores: Tensor, group_size: int) -> None:
-    """In the flat mask ``out``, grow in every group of ``group_size`` as many positions as it lost
-    against ``before``, those of largest ``|scores|`` among the group's inactive ones."""
-    groups, was = out.view(-1, group_size), before.view(-1, group_size)
+def _refill_groups(out: Tensor, before: Tensor, scores: Tensor, group_size: int, grouping: Grouping | None) -> Tensor:
+    """``out`` (shaped like ``before``) grown, in every group of ``group_size`` (read by ``grouping``, else
+    consecutive in the flat tensor), by as many positions as the group lost against ``before``: those of
+    largest ``|scores|`` among the group's inactive ones."""
+    grouping = grouping or Grouping(tuple(range(out.dim())), 0)
+    groups, was = grouping.groups(out, group_size), grouping.groups(before, group_size)
     missing = was.sum(1) - groups.sum(1)
     if not bool(missing.any()):
-        return
-    candidates = _score(scores).view(-1, group_size).masked_fill_(groups, float("-inf"))
+        return out
+    candidates = grouping.groups(_score(scores).view(scores.shape), group_size).masked_fill_(groups, float("-inf"))
     order = candidates.argsort(dim=1, descending=True, stable=True)
     take = torch.arange(group_size, device=out.device) < missing.unsqueeze(1)
-    groups |= torch.zeros_like(groups).scatter_(1, order, take)
+    return grouping.ungroup(groups | torch.zeros_like(groups).scatter_(1, order, take), tuple(out.shape))
 
 
 def drop_and_grow_layers(
@@ -80,12 +85,14 @@ def drop_and_grow_layers(
     k: Mapping[str, int] | Callable[[int], int],
     group_sizes: Mapping[str, int | None] | None = None,
     shards: Shards | None = None,
+    groupings: Mapping[str, Grouping] | None = None,
 ) -> dict[str, Tensor]:
     """:func:`drop_and_grow` for every layer of ``masks`` at once (two selections in all, whatever the layer count).
 
     ``k``: per-layer counts, or a function of each layer's number of active positions; ``group_sizes``:
-    N:M layers grow inside their groups; ``shards``: the tensors are this rank's pieces of sharded
-    targets (counts and selections are over the whole tensors; the result is bitwise the unsharded one).
+    N:M layers grow inside their groups (read by ``groupings[name]`` where given: the target's layout); ``shards``:
+    the tensors are this rank's pieces of sharded targets (counts and selections are over the whole tensors; the
+    result is bitwise the unsharded one).
     """
     names = list(masks)
     n_active = total_counts(masks, shards)
@@ -96,10 +103,11 @@ def drop_and_grow_layers(
     kept = _keep_largest_active(masks, drop_scores, {n: n_active[n] - ks[n] for n in names}, shards)  # the drop
     sizes = group_sizes or {}
     _grow_({n: kept[n] for n in names if sizes.get(n) is None}, grow_scores, ks, shards)
+    out = {n: kept[n].view(masks[n].shape) for n in names}
     for n in names:
         if sizes.get(n) is not None:
-            _refill_groups_(kept[n], masks[n].reshape(-1), grow_scores[n], sizes[n])
-    return {n: kept[n].view(masks[n].shape) for n in names}
+            out[n] = _refill_groups(out[n], masks[n], grow_scores[n], sizes[n], (groupings or {}).get(n))
+    return out
 
 
 def _keep_largest_active(

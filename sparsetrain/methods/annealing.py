@@ -64,7 +64,7 @@ class StochasticAnnealing(SparsityMethod):
         rate: decay rate of ``exponential`` (> 0).
         start, end: first stochastic forward and the step at which the masks become hard; an
             int counts optimizer steps, a float in (0, 1] is a fraction of training.
-        structure, indivisible: an ``"N:M"`` target for ``magnitude`` / ``random`` (with
+        structure, indivisible, nm_layout: an ``"N:M"`` target for ``magnitude`` / ``random`` (with
             ``distribution="uniform"`` and ``sparsity = 1 - N/M``), as in :class:`Static`.
 
     Steps: the forward pass that leads to optimizer step ``t + 1`` runs at step ``t``
@@ -96,6 +96,7 @@ class StochasticAnnealing(SparsityMethod):
         overrides_mode: str = "exact",
         structure: str | None = None,
         indivisible: str = "dense",
+        nm_layout: str = "channels",
     ):
         self.target = check_choice(target, "target", TARGETS)
         self.probabilities = check_choice(probabilities, "probabilities", PROBABILITIES)
@@ -127,7 +128,7 @@ class StochasticAnnealing(SparsityMethod):
                 raise SparsityConfigError(f"sparsity is required with target={target!r} (a number in [0, 1))")
         self.sparsity = check_sparsity(sparsity)
         self.masks = str(masks) if isinstance(masks, (str, Path)) else (None if masks is None else "<dict>")
-        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, nm_layout)
         if structure is not None and target == "from_checkpoint":
             raise SparsityConfigError("structure= is for target='magnitude' or 'random'; with target='from_checkpoint' the masks decide")
         self.budget.check_final(self.sparsity)
@@ -178,7 +179,7 @@ class StochasticAnnealing(SparsityMethod):
                 scores = magnitude_scores(ctx.params, ctx.masks)
             else:
                 scores = initial_random_scores(ctx.params, ctx.generator)
-            masks = self.budget.masks(scores, self.sparsity)
+            masks = self.budget.masks(scores, self.sparsity, layouts=ctx.layouts)
         tau0 = self.initial_probability
         if self.probabilities == "random":
             self._base = {

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from sparsetrain.core.budgets import Budget
+from sparsetrain.core.layouts import Layout
 from sparsetrain.core.masks import Masks
 from sparsetrain.core.schedules import UpdateSchedule
 from sparsetrain.core.shards import Shards, full_shapes, total_counts
@@ -38,6 +39,10 @@ class SparsityContext:
     ``shards``: under FSDP2 the params, masks and gradients are this rank's pieces of sharded
     targets (:mod:`sparsetrain.core.shards`); pass ``shards`` to every selection, and take shapes
     and counts from :attr:`shapes` and :meth:`active`, which are those of the whole tensors.
+
+    ``layouts``: how each target enters its layer (:mod:`sparsetrain.core.layouts`, recorded once when the
+    targets are chosen): N:M groups run along each target's real input dim. ``None`` (or a target
+    without one): the rows of ``weight.reshape(rows, -1)``.
     """
 
     params: dict[str, Tensor]
@@ -46,6 +51,7 @@ class SparsityContext:
     generator: torch.Generator
     stepped: frozenset[str] | None = None
     shards: Shards | None = None
+    layouts: dict[str, Layout] | None = None
 
     def trains(self, name: str) -> bool:
         return self.stepped is None or name in self.stepped
@@ -113,10 +119,10 @@ class SparsityMethod:
         if self.updates is not None:
             self._steps = self.updates.resolve(total_steps)
 
-    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        """Fail now, at fit start, if the configuration cannot work on targets of these shapes."""
+    def check(self, shapes: dict[str, tuple[int, ...]], layouts: dict[str, Layout] | None = None) -> None:
+        """Fail now, at fit start, if the configuration cannot work on targets of these shapes (and layouts)."""
         if self.budget is not None:
-            self.budget.check(shapes, self.sparsity)
+            self.budget.check(shapes, self.sparsity, layouts=layouts)
 
     def init_masks(self, ctx: SparsityContext) -> Masks | None:
         """Masks at fit start (``None``: no masks, the model stays dense)."""
@@ -176,11 +182,11 @@ class SparsityMethod:
         """The sparsity the method aims at after step ``step`` (reported next to the measured one)."""
         return self.sparsity
 
-    def final_kept(self, shapes: dict[str, tuple[int, ...]]) -> int:
+    def final_kept(self, shapes: dict[str, tuple[int, ...]], layouts: dict[str, Layout] | None = None) -> int:
         """How many weights the targets keep once the schedule is done (the budget's count, which an
         N:M structure with dense indivisible layers or ``overrides_mode="outside"`` moves off ``1 - sparsity``)."""
         if self.budget is not None and self.budget.distribution != "global":
-            return self.budget.kept(shapes, self.sparsity)
+            return self.budget.kept(shapes, self.sparsity, layouts)
         return round((1.0 - self.sparsity) * sum(math.prod(s) for s in shapes.values()))
 
     def uses_fractions(self) -> bool:
@@ -204,6 +210,8 @@ class SparsityMethod:
                     distribution=value.distribution, power=value.power, overrides=dict(value.overrides),
                     overrides_mode=value.overrides_mode, structure=value.structure, indivisible=value.indivisible,
                 )
+                if value.structure is not None:  # the conv layout matters only with a structure
+                    found.update(nm_layout=value.nm_layout)
             elif key != "last_metrics":
                 found[key] = value
         names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]

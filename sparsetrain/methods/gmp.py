@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 
 import torch
 
-from sparsetrain.core.budgets import Budget
+from sparsetrain.core.budgets import Budget, monotone_counts
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks, magnitude_scores
 from sparsetrain.core.schedules import SCHEDULES, UpdateSchedule, scheduled_sparsity
@@ -29,6 +30,11 @@ class GMP(SparsityMethod):
     initial sparsity, or the final one when ``end == 0`` (one-shot pruning before training).
     After ``end`` the masks are frozen. Pruned weights never come back.
 
+    Counts are monotone: at every update each layer (each pool for ``global``: the overridden layers
+    and the ranked rest) keeps the budget's count at ``s_t``, kept within what it holds and what it
+    keeps at ``end`` (:func:`~sparsetrain.core.budgets.monotone_counts`), so no layer ever needs a
+    pruned weight back and the last update holds exactly the budget's final counts.
+
     Args:
         sparsity: final sparsity ``s_f`` in [0, 1).
         initial_sparsity: ``s_i`` in [0, sparsity].
@@ -48,6 +54,9 @@ class GMP(SparsityMethod):
         structure: ``None`` (unstructured) or ``"N:M"`` (with ``distribution="uniform"`` and
             ``sparsity = 1 - N/M``): pruning ends with exactly ``N`` of every ``M`` weights along
             the input dim (:mod:`sparsetrain.core.nm`).
+        nm_layout: how a convolution's groups run: ``channels`` (default; input channels at each
+            kernel position, the layout of NVIDIA's sparse convolutions) or ``flat`` (``in * kh * kw``
+            with kernel positions fastest); see :mod:`sparsetrain.core.layouts`.
         structure_schedule: how an N:M run gets there. ``final`` (default): unstructured
             magnitude pruning on the schedule in which every group keeps at least its ``N``
             largest weights, so the last update leaves exactly ``N`` per group. ``groups``: every
@@ -78,6 +87,7 @@ class GMP(SparsityMethod):
         structure: str | None = None,
         structure_schedule: str = "final",
         indivisible: str = "dense",
+        nm_layout: str = "channels",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
@@ -88,13 +98,13 @@ class GMP(SparsityMethod):
             )
         self.schedule = check_choice(schedule, "schedule", SCHEDULES)
         self.updates = UpdateSchedule(start, end, every)
-        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible)
+        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, nm_layout)
         self.budget.check_final(self.sparsity)
         self.structure_schedule = check_choice(structure_schedule, "structure_schedule", STRUCTURE_SCHEDULES)
 
-    def check(self, shapes) -> None:
+    def check(self, shapes, layouts=None) -> None:
         for step in (0, self._steps.end):  # the budget moves linearly in between: the two ends decide
-            self._budget_at(step).check(shapes, self.target_sparsity(step))
+            self._budget_at(step).check(shapes, self.target_sparsity(step), layouts=layouts)
 
     def target_sparsity(self, step: int) -> float:
         if self._steps is None:
@@ -119,9 +129,20 @@ class GMP(SparsityMethod):
             budget = replace(budget, structure=f"{n_t}:{nm.m}" if n_t < nm.m else None)
         return budget
 
+    def _counts(self, ctx: SparsityContext, budget: Budget, step: int) -> dict[str, int]:
+        """The budget's counts at ``step``, monotone along the schedule (N:M layers' are already)."""
+        shapes = ctx.shapes
+        counts = budget.pool_counts(shapes, self.target_sparsity(step), ctx.layouts)
+        final = self._budget_at(self._steps.end).pool_counts(shapes, self.sparsity, ctx.layouts)
+        held = budget.pooled(ctx.active() if ctx.masks is not None else {n: math.prod(s) for n, s in shapes.items()}, shapes)
+        structured = set(budget.split(shapes, ctx.layouts)[0])  # round((1 - s_t) numel): monotone, and fixed by N_t:M
+        free = {n: c for n, c in counts.items() if n not in structured}
+        return {**counts, **monotone_counts(free, held, final)}
+
     def _prune(self, ctx: SparsityContext, step: int) -> Masks:
         scores = magnitude_scores(ctx.params, ctx.masks)
-        masks = self._budget_at(step).masks(scores, self.target_sparsity(step), ctx.shards)
+        budget = self._budget_at(step)
+        masks = budget.masks(scores, self.target_sparsity(step), ctx.shards, ctx.layouts, self._counts(ctx, budget, step))
         if ctx.masks is not None:  # never revive a pruned weight (the target can dip, e.g. on a longer resumed run)
             masks = {n: m & ctx.masks[n] for n, m in masks.items()}
         return masks

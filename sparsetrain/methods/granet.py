@@ -121,8 +121,8 @@ class GraNet(SparsityMethod):
         super().setup(total_steps)
         self._regrowth_steps = self.regrowth.resolve(total_steps)
 
-    def check(self, shapes) -> None:
-        self.budget.check(shapes, self.initial_sparsity)
+    def check(self, shapes, layouts=None) -> None:
+        self.budget.check(shapes, self.initial_sparsity, layouts=layouts)
 
     def target_sparsity(self, step: int) -> float:
         if self._steps is None:

@@ -83,6 +83,7 @@ class RigL(SparsityMethod):
             there, so every group always keeps ``N`` (:mod:`sparsetrain.core.regrowth`).
         indivisible: what layers that cannot hold the structure get: ``dense``, ``unstructured``
             (ordinary drop and grow) or ``error``.
+        nm_layout: how a convolution's groups run: ``channels`` (default) or ``flat``, as in :class:`Static`.
 
     Logged at each update: ``rigl/drop_fraction`` (``f_t``) and ``rigl/regrown`` (sum of ``k``
     over layers; weights dropped and regrown in the same update count too; the callback's
@@ -112,6 +113,7 @@ class RigL(SparsityMethod):
         overrides_mode: str = "exact",
         structure: str | None = None,
         indivisible: str = "dense",
+        nm_layout: str = "channels",
     ):
         self.sparsity = check_sparsity(sparsity)
         self.drop_fraction = check_number(drop_fraction, "drop_fraction", 0.0, 1.0, low_open=True)
@@ -119,12 +121,14 @@ class RigL(SparsityMethod):
         self.init = check_choice(init, "init", INITS)
         self.updates = UpdateSchedule(start, end, every, land_on_end=False)
         self.skip_optimizer_step = check_bool(skip_optimizer_step, "skip_optimizer_step")
-        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, allowed=LAYER_DISTRIBUTIONS)
+        self.budget = Budget(
+            distribution, power, overrides, overrides_mode, structure, indivisible, nm_layout, allowed=LAYER_DISTRIBUTIONS
+        )
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         scores = initial_random_scores(ctx.params, ctx.generator, ctx.shards) if self.init == "random" else magnitude_scores(ctx.params)
-        return self.budget.masks(scores, self.sparsity, ctx.shards)
+        return self.budget.masks(scores, self.sparsity, ctx.shards, ctx.layouts)
 
     def needs_grads(self, step: int) -> bool:
         return self.is_update_step(step)
@@ -164,7 +168,7 @@ class RigL(SparsityMethod):
             return counts[-1]
 
         new = dict(ctx.masks)
-        structured = set(self.budget.split(ctx.shapes)[0])
+        structured = self.budget.structured(ctx.shapes, ctx.layouts, ctx.shards)
         if fraction > 0:
             moving = [n for n in ctx.masks if self.moves(ctx, n, grads)]
             new.update(drop_and_grow_layers(
@@ -174,6 +178,7 @@ class RigL(SparsityMethod):
                 k_of,
                 {n: self.budget.nm.m if n in structured else None for n in moving},
                 ctx.shards,
+                {n: structured[n].grouping for n in moving if n in structured},
             ))
         self.last_metrics = {f"{self.prefix}/drop_fraction": fraction, f"{self.prefix}/regrown": float(sum(counts))}
         return new

@@ -40,6 +40,7 @@ class SRSTE(SparsityMethod):
         end: the step at which the mask becomes hard (int steps or a fraction of training).
         indivisible: layers whose input size is not a multiple of ``M``: ``dense`` (default),
             ``unstructured`` (the top ``1 - N/M`` of the layer's ``|w|``, same forward) or ``error``.
+        nm_layout: how a convolution's groups run: ``channels`` (default) or ``flat``, as in :class:`Static`.
         overrides: per-layer sparsity by glob; such layers leave the structure (unstructured top-k).
         sparsity: ``None`` (taken from the structure) or ``1 - N/M``; any other value fails.
 
@@ -59,10 +60,13 @@ class SRSTE(SparsityMethod):
         indivisible: str = "dense",
         overrides: Mapping[str, float] | None = None,
         sparsity: float | None = None,
+        nm_layout: str = "channels",
     ):
         if structure in (None, "unstructured"):
             raise SparsityConfigError(f"structure={structure!r}: SR-STE needs an 'N:M' structure, e.g. '2:4'")
-        self.budget = Budget("uniform", overrides=overrides, overrides_mode="outside", structure=structure, indivisible=indivisible)
+        self.budget = Budget(
+            "uniform", overrides=overrides, overrides_mode="outside", structure=structure, indivisible=indivisible, nm_layout=nm_layout
+        )
         self.sparsity = self.budget.nm.sparsity
         if sparsity is not None:
             self.budget.check_final(sparsity)
@@ -70,7 +74,7 @@ class SRSTE(SparsityMethod):
         self.updates = UpdateSchedule(0, end, every)
 
     def _masks(self, ctx: SparsityContext) -> Masks:
-        return self.budget.masks(magnitude_scores(ctx.params), self.sparsity)
+        return self.budget.masks(magnitude_scores(ctx.params), self.sparsity, layouts=ctx.layouts)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
         return self._masks(ctx)

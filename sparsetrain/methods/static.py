@@ -20,7 +20,9 @@ class Static(SparsityMethod):
     :class:`~sparsetrain.core.budgets.Budget`. ``structure="N:M"`` (with ``distribution="uniform"``
     and ``sparsity = 1 - N/M``) draws ``N`` random positions in every group of ``M`` along the input
     dim; ``indivisible`` says what layers that cannot hold it get (``dense``, ``unstructured`` or
-    ``error``, see :mod:`sparsetrain.core.nm`).
+    ``error``, see :mod:`sparsetrain.core.nm`); ``nm_layout`` how a convolution's groups run: ``channels``
+    (default: input channels at each kernel position, NVIDIA's sparse convolutions) or ``flat``
+    (``in * kh * kw``, kernel positions fastest), see :mod:`sparsetrain.core.layouts`.
 
     Example::
 
@@ -37,10 +39,13 @@ class Static(SparsityMethod):
         overrides_mode: str = "exact",
         structure: str | None = None,
         indivisible: str = "dense",
+        nm_layout: str = "channels",
     ):
         self.sparsity = check_sparsity(sparsity)
-        self.budget = Budget(distribution, power, overrides, overrides_mode, structure, indivisible, allowed=LAYER_DISTRIBUTIONS)
+        self.budget = Budget(
+            distribution, power, overrides, overrides_mode, structure, indivisible, nm_layout, allowed=LAYER_DISTRIBUTIONS
+        )
         self.budget.check_final(self.sparsity)
 
     def init_masks(self, ctx: SparsityContext) -> Masks:
-        return self.budget.masks(initial_random_scores(ctx.params, ctx.generator, ctx.shards), self.sparsity, ctx.shards)
+        return self.budget.masks(initial_random_scores(ctx.params, ctx.generator, ctx.shards), self.sparsity, ctx.shards, ctx.layouts)
