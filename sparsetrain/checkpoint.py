@@ -34,7 +34,8 @@ from torch import Tensor
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.masks import Masks
-from sparsetrain.core.shards import Shards, local, pack_rows, unpack_rows
+from sparsetrain.core.bits import pack_rows, unpack_rows
+from sparsetrain.core.shards import Shards, local
 
 FORMAT = 2  # 1: sparsetrain 0.1/0.2 (no "format" key)
 MASK_PREFIX = "_sparsetrain."  # keys of the sharded masks in a distributed checkpoint's state_dict

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sparsetrain import SparsityCallback, consolidate_checkpoint
-from sparsetrain.core.shards import unpack_rows
+from sparsetrain.core.bits import unpack_rows
 from tests.helpers import random_loader
 
 pytest.importorskip("torch.distributed.fsdp")

@@ -142,19 +142,3 @@ def total_counts(masks: Mapping[str, Tensor], shards: Shards | None) -> dict[str
 def offsets(names, shards: Shards | None) -> dict[str, int]:
     """Flat index in the full tensor of each local piece's first element (0 without sharding)."""
     return {n: 0 if shards is None else shards.pieces[n].offset for n in names}
-
-
-def pack_rows(mask: Tensor) -> Tensor:
-    """``bool (R, ...)`` -> ``uint8 (R, ceil(C / 8))``, ``C`` the elements per row, bit ``i`` of byte ``j``
-    holding column ``8 j + i``: 1 bit per weight, and row ``r`` stays in row ``r`` (dim-0 shards stay shards)."""
-    rows = mask.reshape(mask.shape[0], math.prod(mask.shape[1:])) if mask.dim() else mask.reshape(1, 1)
-    width = -(-rows.shape[1] // 8) * 8
-    bits = torch.nn.functional.pad(rows.to(torch.uint8), (0, width - rows.shape[1])).view(rows.shape[0], width // 8, 8)
-    return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(-1, dtype=torch.uint8)
-
-
-def unpack_rows(packed: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """The inverse of :func:`pack_rows`: a ``bool`` tensor of ``shape`` (its rows: those of ``packed``)."""
-    bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    row = math.prod(shape[1:])
-    return bits.reshape(packed.shape[0], packed.shape[1] * 8)[:, :row].bool().reshape(shape)
