@@ -1,6 +1,7 @@
 """Export a sparse-trained model: permanent zeros, compressed checkpoints, sparse inference.
 
-Plain torch only (no Lightning); see ``docs/export.md``.
+Plain torch only (no Lightning; the bit packing, layouts and N:M masks are :mod:`sparsetrain.core`'s); see
+``docs/export.md``.
 
 * :func:`make_permanent` / :func:`permanent_state_dict`: masked weights exactly ``+0.0``, nothing
   of sparsetrain on the model; the state dict loads with plain torch, timm or torchvision.
@@ -18,7 +19,6 @@ Plain torch only (no Lightning); see ``docs/export.md``.
 from __future__ import annotations
 
 import io
-import math
 import logging
 import os
 import statistics
@@ -30,6 +30,10 @@ from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
+
+from sparsetrain.core.bits import pack_bits, unpack_bits
+from sparsetrain.core.layouts import NM_LAYOUTS, ROWS, Grouping, layout_of
+from sparsetrain.core.nm import NMStructure
 
 log = logging.getLogger(__name__)
 
@@ -147,28 +151,6 @@ def permanent_state_dict(model: nn.Module | Mapping[str, Tensor], masks: Mapping
         if isinstance(v, Tensor) and v.is_floating_point() and v.layout == torch.strided:
             v.masked_fill_(v == 0, 0)
     return out
-
-
-# ----------------------------------------------------------------------------- bit packing
-_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
-
-
-def pack_bits(mask: Tensor) -> Tensor:
-    """Pack a bool tensor (flattened, C order) into uint8, 1 bit per element, little bit order:
-    element ``8 * j + i`` is bit ``i`` (value ``1 << i``) of byte ``j``; the last byte is
-    zero-padded. Same bytes as ``numpy.packbits(mask.ravel(), bitorder="little")``."""
-    flat = mask.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.view(-1, 8) * _BIT_WEIGHTS.to(flat.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bits(packed: Tensor, numel: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: the first ``numel`` bits as a flat bool tensor."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    bits = (packed.reshape(-1, 1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].to(torch.bool)
 
 
 # ----------------------------------------------------------------------------- compressed checkpoints
@@ -512,43 +494,14 @@ def to_sparse_inference(
 # ----------------------------------------------------------------------------- 2:4 on CUDA
 # The N:M reading of a layer's weight: the rule of sparsetrain.core.layouts, restated here because this module
 # needs only torch (tests/test_layouts.py checks that both give the same groups for every kind of layer).
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-NM_LAYOUTS = ("channels", "flat")
-
-
-def _reading(weight: Tensor | nn.Module, nm_layout: str) -> tuple[Tensor, tuple[int, ...], int, str]:
-    """``(weight, dims, run, name)``: groups of ``m`` are consecutive in ``weight.permute(dims)``, and ``m`` must
-    divide ``run`` (the inputs of one output, one conv group's); ``name`` says which reading it is."""
+def _grouping(weight: Tensor | nn.Module, nm_layout: str) -> tuple[Tensor, Grouping]:
+    """The weight and its N:M reading: a module's by its layout (:mod:`sparsetrain.core.layouts`), a bare tensor's
+    as the rows of ``weight.reshape(out, -1)``."""
     if nm_layout not in NM_LAYOUTS:
         raise ValueError(f"nm_layout={nm_layout!r}; allowed: {', '.join(map(repr, NM_LAYOUTS))}")
     module = weight if isinstance(weight, nn.Module) else None
     w = (module.weight if module is not None else weight).detach()
-    shape, nd, flat = tuple(w.shape), w.dim(), nm_layout == "flat"
-    kernel = tuple(range(2, nd))
-    if isinstance(module, _CONV_TRANSPOSE):
-        per_group = shape[0] // module.groups
-        if flat:
-            return w, (1, 0, *kernel), per_group * math.prod(shape[2:]), "conv_transpose flat"
-        return w, (1, *kernel, 0), per_group, "conv_transpose channels"
-    if isinstance(module, _CONV):
-        if flat:
-            return w, tuple(range(nd)), math.prod(shape[1:]), "conv flat"
-        return w, (0, *kernel, 1), shape[1], "conv channels"
-    if module is not None and nd == 2 and any(c.__name__ == "Conv1D" for c in type(module).__mro__):
-        return w, (1, 0), shape[0], "hf_conv1d (in, out)"
-    name = "linear" if isinstance(module, nn.Linear) else "rows"
-    return w, tuple(range(nd)), math.prod(shape[1:]) if nd >= 2 else 0, name
-
-
-def _groups(weight: Tensor | nn.Module, m: int, nm_layout: str) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """``(groups, weight, dims)``: the weight's groups of ``m`` as ``(count, m)``."""
-    w, dims, run, name = _reading(weight, nm_layout)
-    if w.dim() < 2:
-        raise ValueError(f"N:M sparsity needs a weight of 2 or more dims, got shape {tuple(w.shape)}")
-    if run % m:
-        raise ValueError(f"input size {run} ({name}) is not a multiple of m={m}")
-    return w.permute(dims).reshape(-1, m), w, dims
+    return w, (ROWS if module is None else layout_of(module)).grouping(tuple(w.shape), nm_layout)
 
 
 def is_n_m_sparse(weight: Tensor | nn.Module, n: int = 2, m: int = 4, nm_layout: str = "channels") -> bool:
@@ -560,20 +513,21 @@ def is_n_m_sparse(weight: Tensor | nn.Module, n: int = 2, m: int = 4, nm_layout:
     a transposed convolution over its input channels (dim 0); or a tensor, read as ``weight.reshape(out, -1)``
     (a Linear weight). False when the input size is not a multiple of ``m``.
     """
-    w, dims, run, _ = _reading(weight, nm_layout)
-    if w.dim() < 2 or run % m:
+    w, grouping = _grouping(weight, nm_layout)
+    if not grouping.fits(m):
         return False
-    return bool(((_groups(weight, m, nm_layout)[0] != 0).sum(-1) <= n).all())
+    return bool((NMStructure(n, m, grouping).group_counts(w != 0) <= n).all())
 
 
 def n_m_mask(weight: Tensor | nn.Module, n: int = 2, m: int = 4, nm_layout: str = "channels") -> Tensor:
     """Mask keeping the ``n`` largest ``|w|`` of every group of ``m`` along the input dim (read as in
-    :func:`is_n_m_sparse`), shaped like the weight."""
-    g, w, dims = _groups(weight, m, nm_layout)
-    g = g.abs().float()
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.topk(n, dim=-1).indices, True)
-    inverse = sorted(range(len(dims)), key=dims.__getitem__)
-    return keep.reshape([w.shape[d] for d in dims]).permute(inverse).contiguous()
+    :func:`is_n_m_sparse`; ties to the lower position, the rule of training's N:M masks), shaped like the weight."""
+    w, grouping = _grouping(weight, nm_layout)
+    if w.dim() < 2:
+        raise ValueError(f"N:M sparsity needs a weight of 2 or more dims, got shape {tuple(w.shape)}")
+    if not grouping.fits(m):
+        raise ValueError(f"input size {grouping.run} ({grouping.name}) is not a multiple of m={m}")
+    return NMStructure(n, m, grouping).mask(w.abs().float())
 
 
 @torch.no_grad()
@@ -589,15 +543,12 @@ def n_m_report(model: nn.Module, n: int = 2, m: int = 4, nm_layout: str = "chann
     """
     report = {}
     for name, module in model.named_modules():
-        is_conv1d = any(c.__name__ == "Conv1D" for c in type(module).__mro__)
-        if not isinstance(module, (nn.Linear, *_CONV, *_CONV_TRANSPOSE)) and not is_conv1d:
+        if layout_of(module) is ROWS or not isinstance(getattr(module, "weight", None), Tensor):
             continue
-        if not isinstance(getattr(module, "weight", None), Tensor):
-            continue
-        w, _, run, layout = _reading(module, nm_layout)
-        fits = w.dim() >= 2 and run % m == 0
-        over = int(((_groups(module, m, nm_layout)[0] != 0).sum(-1) > n).sum()) if fits else None
-        report[name] = {"layout": layout, "fits": fits, "groups": w.numel() // m if fits else 0, "over_n": over, "n_m": over == 0}
+        w, grouping = _grouping(module, nm_layout)
+        fits = grouping.fits(m)
+        over = int((NMStructure(n, m, grouping).group_counts(w != 0) > n).sum()) if fits else None
+        report[name] = {"layout": grouping.name, "fits": fits, "groups": w.numel() // m if fits else 0, "over_n": over, "n_m": over == 0}
     return report
 
 

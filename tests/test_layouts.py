@@ -73,11 +73,11 @@ def test_channel_groups_keep_the_n_largest_of_m_consecutive_inputs(kind):
 @pytest.mark.parametrize("nm_layout", ["channels", "flat"])
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_the_export_module_reads_every_layer_as_the_core_does(kind, nm_layout):
-    """export.py restates the reading (it needs only torch): both must give the same dims, run and name."""
+    """export's report names the reading the engine trained with, and agrees on which layers fit."""
     module, _ = LAYERS[kind]
     core = target_layouts(module, {"w": module.weight})["w"].grouping(tuple(module.weight.shape), nm_layout)
-    _, dims, run, name = export._reading(module, nm_layout)
-    assert (dims, run, name) == (core.dims, core.run, core.name)
+    report = export.n_m_report(nn.Sequential(module), nm_layout=nm_layout)["0"]
+    assert (report["layout"], report["fits"]) == (core.name, core.fits(4))
 
 
 def test_flat_is_the_old_reading_and_a_1x1_conv_reads_alike_in_both():
