@@ -261,6 +261,16 @@ class Budget:
     def nm(self) -> NMStructure | None:
         return NMStructure.parse(self.structure)
 
+    def args(self) -> dict:
+        """The budget as the arguments a method takes (``distribution``, ``power``, ``overrides``, ``overrides_mode``,
+        ``structure``, ``indivisible``, and ``nm_layout`` where a structure makes it matter): one set of fields for
+        every method with a layer budget, saved in checkpoints as the method's configuration."""
+        args = dict(
+            distribution=self.distribution, power=self.power, overrides=dict(self.overrides),
+            overrides_mode=self.overrides_mode, structure=self.structure, indivisible=self.indivisible,
+        )  # fmt: skip
+        return {**args, "nm_layout": self.nm_layout} if self.structure is not None else args
+
     def with_overrides(self, overrides: Mapping[str, float]) -> Budget:
         return replace(self, overrides=dict(overrides))
 

@@ -206,12 +206,7 @@ class SparsityMethod:
             if isinstance(value, UpdateSchedule):
                 found.update(zip(value.names, (value.start, value.end, value.every)))
             elif isinstance(value, Budget):
-                found.update(
-                    distribution=value.distribution, power=value.power, overrides=dict(value.overrides),
-                    overrides_mode=value.overrides_mode, structure=value.structure, indivisible=value.indivisible,
-                )
-                if value.structure is not None:  # the conv layout matters only with a structure
-                    found.update(nm_layout=value.nm_layout)
+                found.update(value.args())
             elif key != "last_metrics":
                 found[key] = value
         names = [n for n in inspect.signature(type(self).__init__).parameters if n not in ("self", "args", "kwargs")]
