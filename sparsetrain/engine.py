@@ -95,7 +95,7 @@ def check_sharding(targets: dict[str, Tensor], method: SparsityMethod) -> Shards
     """The layout of sharded targets (FSDP2 ``fully_shard``), ``None`` when they are whole; a method that cannot
     run on sharded targets fails here, at the start."""
     shards = Shards.of(targets)
-    if shards is not None and "sharding" not in method.supports:
+    if shards is not None and "soft_masks" in method.supports:
         raise SparsityConfigError(
             f"{type(method).__name__} swaps sampled or straight-through weights into the modules at every forward, which "
             "FSDP2's all-gather of the sharded parameters does not see: it is not supported with sharded parameters. "

@@ -75,7 +75,8 @@ CAPABILITIES = ("structure", "sharding", "gradients", "soft_masks")
 def register_method(name: str, supports: tuple[str, ...] = ()):
     """Class decorator at a method's definition: make it available as ``name`` and declare what it supports.
 
-    ``supports``: ``structure`` (takes ``structure="N:M"``), ``sharding`` (runs on FSDP2-sharded targets),
+    ``supports``: ``structure`` (takes ``structure="N:M"``), ``sharding`` (its selections are exact on FSDP2-sharded
+    pieces, tested; a method with ``soft_masks`` is refused under sharding),
     ``gradients`` (its updates read the dense gradients), ``soft_masks`` (stochastic or straight-through
     forwards before its masks turn hard). Error messages list the methods from here, never by hand.
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sparsetrain.methods.base import SparsityMethod, register_method
 
 
-@register_method("dense", supports=("sharding",))
+@register_method("dense")
 class Dense(SparsityMethod):
     """Train dense; :class:`~sparsetrain.SparsityCallback` still logs the measured sparsity.
 
