@@ -291,7 +291,7 @@ class SparsityCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.engine.end_forwards()
         self.engine._swap = None
-        self.engine.copies = []
+        self.engine.copies, self.engine.optimizers = [], []
 
     # -------------------------------------------------------------- reports
     def sparsity_report(self, model: nn.Module | None = None) -> SparsityReport:
@@ -317,7 +317,7 @@ class SparsityCallback(Callback):
     # ------------------------------------------------------------ checkpoint
     @override
     def state_dict(self) -> dict:
-        return self.engine.state_dict()
+        return self.engine.state_dict(gather=False)  # sharded masks: in on_save_checkpoint
 
     @override
     def load_state_dict(self, state_dict: dict) -> None:
@@ -326,7 +326,8 @@ class SparsityCallback(Callback):
     @override
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint_dict: dict) -> None:
         self.engine.copies = averaged_copies(trainer)
-        if self.engine.enforce("checkpoint save", other_callbacks(trainer, self)):  # the weights saved are masked in place
+        # the weights saved are masked in place; the count agrees on every rank (all-reduced under FSDP2)
+        if self.engine.enforce("checkpoint save", other_callbacks(trainer, self)):
             checkpoint_dict["callbacks"][self.state_key].update(final=self.engine.at_final_sparsity(), sparsity=self.engine.report().global_sparsity)
         if self.engine.shards is not None and self.masks is not None:
             distributed = getattr(trainer.strategy, "_save_distributed_checkpoint", True)

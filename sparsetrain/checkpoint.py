@@ -97,15 +97,21 @@ def _packed_dtensor(target, packed_local: Tensor):
     return DTensor.from_local(packed_local, target.device_mesh, target.placements, run_check=False, shape=shape, stride=(width, 1))
 
 
+def gather_packed(targets: Mapping, masks: Masks) -> dict[str, Tensor]:
+    """The whole masks of sharded targets, bit-packed by rows, on the CPU of every rank (a collective: every rank
+    calls it): what a single file holds (``packed_masks``)."""
+    return {n: _packed_dtensor(targets[n], pack_rows(m)).full_tensor().cpu() for n, m in masks.items()}
+
+
 def save_sharded_masks(checkpoint: dict, state_key: str, targets: Mapping, masks: Masks, distributed: bool) -> None:
     """Put this rank's masks of sharded targets into a Lightning ``checkpoint`` dict: as DTensor pieces of its
     ``state_dict`` (``distributed``: a folder, each rank writes its own), or gathered into the callback's state
     (a single file written by rank 0; every rank takes part in the gather). 1 bit per weight either way."""
-    pieces = {n: _packed_dtensor(targets[n], pack_rows(m)) for n, m in masks.items()}
     if distributed:
+        pieces = {n: _packed_dtensor(targets[n], pack_rows(m)) for n, m in masks.items()}
         checkpoint["state_dict"].update({mask_key(state_key, n): d for n, d in pieces.items()})
     else:
-        checkpoint["callbacks"][state_key]["packed_masks"] = {n: d.full_tensor().cpu() for n, d in pieces.items()}
+        checkpoint["callbacks"][state_key]["packed_masks"] = gather_packed(targets, masks)
 
 
 def read_masks(state: Mapping, targets: Mapping, shards: Shards | None, ckpt_path=None, state_key: str = "") -> Masks | None:

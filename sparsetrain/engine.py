@@ -211,7 +211,7 @@ class SparsityEngine:
         ]  # fmt: skip
         if untrained:
             self.inform(
-                f"SparsityCallback: {len(untrained)} weights are frozen or in no optimizer and stay dense (not targets): "
+                f"sparsetrain: {len(untrained)} weights are frozen or in no optimizer and stay dense (not targets): "
                 f"{', '.join(untrained[:8])}{', ...' if len(untrained) > 8 else ''}. Name them in include= to prune them anyway."
             )
             targets = {n: p for n, p in targets.items() if n not in untrained}
@@ -234,9 +234,9 @@ class SparsityEngine:
         elif self.masks is not None and list(previous) == list(self.targets) and all(previous[n] is p for n, p in self.targets.items()):
             self.step = step
             self.inform(
-                f"SparsityCallback: a new fit of the same model continues from the masks of the previous fit "
+                f"sparsetrain: a new fit of the same model continues from the masks of the previous fit "
                 f"({self.report().global_sparsity:.2%} sparse); the schedule restarts at step {self.step}. "
-                "Use a new SparsityCallback to start from fresh masks."
+                "Use a new SparsityCallback (a new engine) to start from fresh masks."
             )
         else:
             if loaded is not None:  # saved before its run started (a Lightning tuner's restore): a fresh start
@@ -247,6 +247,9 @@ class SparsityEngine:
             before = self.report()
             self.masks = self._on_devices(self.method.init_masks(self.context()))
             self._warn_if_sparse_weights_lost(before)
+            if self.masks is not None and not self.stochastic():  # state from steps before the masks (dense steps)
+                for optimizer in self.optimizers:
+                    reset_optimizer_state_(optimizer, self.targets.values(), self.masks.values())
         self.apply_masks()  # not while the masks are stochastic
         for copy in self.copies:
             self.mask_copy(copy)
@@ -266,7 +269,7 @@ class SparsityEngine:
         lost = sum(total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards).values())
         if lost:
             _warn(
-                f"SparsityCallback: the model is already {before.global_sparsity:.2%} sparse at the start, and the new "
+                f"sparsetrain: the model is already {before.global_sparsity:.2%} sparse at the start, and the new "
                 f"masks of {type(self.method).__name__} zero {lost:,} of its {before.numel - before.zeros:,} non-zero "
                 "weights (their per-layer counts do not fit the budget). To go on from a sparse model: resume its run "
                 "with ckpt_path=..., keep its masks with FixedMasks(load_masks(checkpoint)), or choose a budget "
@@ -292,23 +295,30 @@ class SparsityEngine:
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         return frozenset(n for n, p in self.targets.items() if p.requires_grad and id(p) in ids)
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int | None = None) -> None:
-        """Before ``optimizer`` makes step ``step`` (default ``self.step + 1``), with its final gradients."""
+    def before_optimizer_step(self, optimizer: torch.optim.Optimizer, step: int | None = None, grad_scale: Tensor | float = 1.0) -> None:
+        """Before ``optimizer`` makes step ``step`` (default ``self.step + 1``), with its final gradients.
+
+        ``grad_scale``: the factor the gradients still carry (a fused optimizer under ``GradScaler`` unscales
+        inside its step): the copies an update needs are divided by it, SR-STE's decay term multiplied.
+        """
         if self.masks is None:
             return
         step = self.step + 1 if step is None else step
         names = self._stepped[step] = self.trained_by(optimizer)
         if self.method.needs_grads(step):  # only targets that really got a gradient from this step
             self._grads[step] = {  # FSDP2: the reduce-scattered (averaged) gradient's local piece
-                n: local(p.grad).detach().clone() for n, p in self.targets.items() if n in names and p.grad is not None
-            }
+                n: local(p.grad).detach() / grad_scale if not isinstance(grad_scale, float) or grad_scale != 1.0
+                else local(p.grad).detach().clone()
+                for n, p in self.targets.items() if n in names and p.grad is not None
+            }  # fmt: skip
         if self.method.skips_optimizer_step(step):  # torch optimizers leave a parameter without grad alone
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
         elif self.stochastic(step - 1):  # sampled weights learn: their gradients stay
             named = [(n, p) for n, p in self.targets.items() if n in names and p.grad is not None]
-            self.method.regularize_([p.detach() for _, p in named], [p.grad for _, p in named], [self.masks[n] for n, _ in named])
+            weights = [p.detach() if isinstance(grad_scale, float) and grad_scale == 1.0 else p.detach() * grad_scale for _, p in named]
+            self.method.regularize_(weights, [p.grad for _, p in named], [self.masks[n] for n, _ in named])
         else:
             self.mask_gradients(names)
 
@@ -334,7 +344,7 @@ class SparsityEngine:
             self.apply_masks()
         for t in crossed:
             if self.method.is_update_step(t) and self.method.needs_grads(t) and t not in self._grads:
-                self.inform(f"SparsityCallback: no optimizer stepped at step {t} (a skipped AMP step?): its update is skipped")
+                self.inform(f"sparsetrain: no optimizer stepped at step {t} (a skipped AMP step?): its update is skipped")
             elif self.method.is_update_step(t):
                 self.step = t
                 self._update(t, self._grads.pop(t, None), self._stepped.get(t))
@@ -363,7 +373,7 @@ class SparsityEngine:
         if (bad or bad_grads) and not self._warned_nonfinite:
             self._warned_nonfinite = True
             _warn(
-                f"SparsityCallback: non-finite values at the update of step {step}: weights in {bad[:4]}, gradients in "
+                f"sparsetrain: non-finite values at the update of step {step}: weights in {bad[:4]}, gradients in "
                 f"{bad_grads[:4]}. NaN/inf scores rank as the least important: such weights are pruned or dropped first "
                 "(and set to 0) and never grown into; counts stay exact. (Warned once per fit.)"
             )
@@ -470,13 +480,13 @@ class SparsityEngine:
         """
         if self.masks is None or self.stochastic():
             return 0
-        found = {n: int((local(p).ne(0) & ~self.masks[n]).sum()) for n, p in self.targets.items()}
+        found = total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards)
         self.apply_masks()
         in_copies = sum(self.mask_copy(copy) for copy in self.copies)
         bad = {n: c for n, c in found.items() if c}
         if bad:
             _warn(
-                f"SparsityCallback: at {where}, {sum(bad.values()):,} pruned weights were non-zero in "
+                f"sparsetrain: at {where}, {sum(bad.values()):,} pruned weights were non-zero in "
                 f"{', '.join(f'{n} ({c:,})' for n, c in list(bad.items())[:6])}: something other than the optimizer "
                 f"step wrote the weights{' (components on this loop: ' + ', '.join(writers) + ')' if writers else ''}. "
                 "The masks are applied again; a component that writes weights between steps should do so before "
@@ -496,11 +506,11 @@ class SparsityEngine:
                 self.set_masks(new, reset_state=True)
                 self._queue_metrics(self.step)
                 report = self._short_of_target()
-                self.inform(f"SparsityCallback(finalize='prune'): pruned to {self.report().global_sparsity:.2%}")
+                self.inform(f"sparsetrain (finalize='prune'): pruned to {self.report().global_sparsity:.2%}")
         if report is not None:
             steps = self.method._steps
             _warn(
-                f"SparsityCallback: training ended after step {self.step} of {self.total_steps or 'an unknown number of'} "
+                f"sparsetrain: training ended after step {self.step} of {self.total_steps or 'an unknown number of'} "
                 f"optimizer steps at {report.global_sparsity:.2%} sparsity, below the {self.method.sparsity:.2%} that "
                 f"{type(self.method).__name__} aims at (its schedule ends at step {'?' if steps is None else steps.end}). "
                 "Train longer or resume, or pass finalize='prune' to prune to the target at the end of fit."
@@ -519,9 +529,14 @@ class SparsityEngine:
         if self.targets:
             self.finish()
             self.enforce("the end of training")
+        self.detach_hooks()
+
+    def detach_hooks(self) -> None:
+        """Remove the hooks a loop registered, and let go of the optimizers."""
+        self.end_forwards()
         for handle in self.handles:
             handle.remove()
-        self.handles = []
+        self.handles, self.optimizers = [], []
 
     def untrained_prunable(self, model: nn.Module) -> list[str]:
         """Default-prunable weights that an optimizer trains now but that are not targets (frozen or in no
@@ -569,7 +584,7 @@ class SparsityEngine:
             state = zlib.crc32(bytes(self.generator.get_state().numpy()))
             if compare_across_ranks(torch.tensor([self.step, self.run_seed or 0, state], dtype=torch.int64)):
                 raise RuntimeError(
-                    f"SparsityCallback: the ranks disagree at step {self.step} about the step, seed or generator state "
+                    f"sparsetrain: the ranks disagree at step {self.step} about the step, seed or generator state "
                     "of the sharded masks; every rank must run the same updates"
                 )
             return
@@ -588,10 +603,13 @@ class SparsityEngine:
         method = {f"{type(self.method).__name__}.{k}": v for k, v in self.method.hparams().items()}
         return checkpoint.plain_config({**method, **selection})
 
-    def state_dict(self) -> dict:
-        """The whole run (format: :mod:`sparsetrain.checkpoint`); sharded masks are saved apart, by the loop."""
+    def state_dict(self, gather: bool = True) -> dict:
+        """The whole run (format: :mod:`sparsetrain.checkpoint`), for ``torch.save`` (a collective under FSDP2:
+        every rank calls it). Masks of sharded targets are gathered, bit-packed (``packed_masks``); with
+        ``gather=False`` they are left out for the loop to save apart (the Lightning callback's distributed
+        checkpoints hold each rank's piece)."""
         sharded = self.shards is not None and self.masks is not None
-        return {
+        state = {
             "format": checkpoint.FORMAT,
             "targets": list(self.targets),
             "masks": None if sharded else checkpoint.masks_for_state(self.masks),
@@ -605,6 +623,9 @@ class SparsityEngine:
             "final": self.at_final_sparsity(),
             "sparsity": self.report().global_sparsity if self.targets else 0.0,
         }
+        if sharded and gather:
+            state["packed_masks"] = checkpoint.gather_packed(self.targets, self.masks)
+        return state
 
     def load_state_dict(self, state: dict, path=None, key: str = "") -> None:
         """Load a state; :meth:`begin` applies it once the targets are known. ``path`` and ``key``: the checkpoint
@@ -627,13 +648,18 @@ class SparsityEngine:
         self._load(state, self._loaded_path)
         if state.get("final") is False:
             _warn(
-                f"SparsityCallback: this checkpoint was saved at step {state['step']} at {state['sparsity']:.2%} sparsity, "
+                f"sparsetrain: this checkpoint was saved at step {state['step']} at {state['sparsity']:.2%} sparsity, "
                 f"before {type(self.method).__name__} reached its final sparsity with hard masks: it is a model from the "
                 "middle of the schedule. Evaluate a checkpoint saved after the schedule's end (save_last=True, or "
                 "sparsetrain.SparsityModelCheckpoint, which picks a best checkpoint only from there)"
             )
 
     def _load(self, state: dict, path) -> None:
+        if state.get("format", 1) > checkpoint.FORMAT:
+            raise SparsityConfigError(
+                f"the checkpoint's sparsity state has format={state['format']}, written by a newer sparsetrain; this one "
+                f"reads formats 1 to {checkpoint.FORMAT}: upgrade sparsetrain"
+            )
         if state["method_name"] != type(self.method).__name__:
             raise SparsityConfigError(
                 f"the checkpoint was written by method {state['method_name']}, but this callback runs "
@@ -650,11 +676,12 @@ class SparsityEngine:
         if changed and self.on_config_change == "error":
             raise SparsityConfigError(
                 f"the checkpoint was written with another sparsity configuration ({'; '.join(changed)}). Resume with the "
-                "configuration of the checkpoint, or pass SparsityCallback(on_config_change='continue') to train on "
+                "configuration of the checkpoint, or pass on_config_change='continue' (to SparsityCallback, attach or "
+                "SparsityTrainerCallback) to train on "
                 "from its masks with the new one"
             )
         if changed:
-            _warn(f"SparsityCallback(on_config_change='continue'): resuming with a changed configuration ({'; '.join(changed)})")
+            _warn(f"sparsetrain (on_config_change='continue'): resuming with a changed configuration ({'; '.join(changed)})")
         self.masks = self._on_devices(checkpoint.read_masks(state, self.targets, self.shards, path, self._loaded_key))
         self.method.load_state_dict(state["method"])
         self.generator.set_state(state["generator"])
@@ -671,7 +698,7 @@ class SparsityEngine:
         if kept < aims:
             total = sum(math.prod(s) for s in self.shapes.values())
             _warn(
-                f"SparsityCallback(on_config_change='continue'): the checkpoint's masks keep {kept:,} weights "
+                f"sparsetrain (on_config_change='continue'): the checkpoint's masks keep {kept:,} weights "
                 f"({1 - kept / total:.2%} sparse), fewer than the {aims:,} that {self.method!r} ends with. No method "
                 "revives pruned weights, so the model stays that sparse. To train it at the lower sparsity, start a new "
                 "run from its weights instead of resuming (load the state_dict, no ckpt_path): the new masks keep the "

@@ -62,8 +62,11 @@ def test_the_trainers_own_optimizer_trains_to_exact_counts_that_survive_save_pre
     trainer = hf_trainer(model, callback, kind, tmp_path / "run")
     trainer.train()  # the Trainer makes its AdamW: callbacks get optimizer=None, the engine finds it at its first step
     engine = callback.engine
-    assert engine.step == STEPS and len(engine.optimizers) == 1
+    assert engine.step == STEPS and engine.optimizers == []  # released at the end
     params = dict(model.named_parameters())
+    adam = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # inside Accelerate's wrapper
+    for n, m in engine.masks.items():  # the engine found the Trainer's optimizer: its moments are reset where pruned
+        assert int(adam.state[params[n]]["exp_avg"][~m].ne(0).sum()) == 0, n
     kept = layer_counts(engine.shapes, SPARSITY, "uniform")
     assert {n: int((params[n] != 0).sum()) for n in engine.targets} == kept  # counted in the trained model
     assert any("sparsity/global" in entry for entry in trainer.state.log_history)
@@ -103,3 +106,29 @@ def test_a_resume_without_the_sparsity_state_fails_naming_the_folder(tmp_path):
     trainer = hf_trainer(gpt2(transformers), SparsityTrainerCallback("static", sparsity=0.5), "lm", tmp_path)
     with pytest.raises(Exception, match="no sparsetrain.pt is in .*checkpoint-4"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+
+
+def test_load_best_model_at_end_takes_the_best_checkpoints_masks_and_says_when_it_predates_the_final_sparsity(tmp_path):
+    class FallingLoss(InOrder):  # eval_loss rises with every evaluation: the best checkpoint is the first
+        def evaluate(self, *args, **kwargs):
+            metrics = {"eval_loss": float(self.state.global_step)}
+            self.log(metrics)
+            return metrics
+
+    torch.manual_seed(0)
+    model = gpt2(transformers)
+    callback = SparsityTrainerCallback("gmp", seed=0, sparsity=SPARSITY, start=0, end=6, every=2, distribution="uniform")
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=STEPS, learning_rate=1e-2, use_cpu=True,
+        report_to=[], disable_tqdm=True, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False, dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = FallingLoss(model=model, args=transformers.TrainingArguments(**settings), train_dataset=Data("lm"),
+                          eval_dataset=Data("lm", 8), callbacks=[callback])  # fmt: skip
+    with pytest.warns(UserWarning, match="the best checkpoint .*checkpoint-2.* saved at step 2 .* before the method reached"):
+        trainer.train()
+    best = torch.load(tmp_path / "checkpoint-2" / STATE_FILE, weights_only=False)
+    for n, m in best["masks"].items():  # the best weights came back with their own masks, nothing zeroed on top
+        assert torch.equal(callback.engine.masks[n].cpu(), m), n
+        assert int(model.get_parameter(n)[~m].ne(0).sum()) == 0, n
+    assert callback.engine.handles == []

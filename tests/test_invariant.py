@@ -168,11 +168,11 @@ def test_a_parameter_group_added_during_the_fit_has_its_gradients_masked(tmp_pat
     mid = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=12, save_top_k=-1, filename="{step}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer(max_epochs=3, callbacks=[Unfreezing(), cb, probe, mid], enable_checkpointing=True).fit(model)
+        (t := trainer(max_epochs=3, callbacks=[Unfreezing(), cb, probe, mid], enable_checkpointing=True)).fit(model)
     assert list(cb.targets) == TARGETS
     before = torch.load(tmp_path / "step=12.ckpt", weights_only=False)["state_dict"]  # mid epoch 1: unfrozen
     assert zeros_in(before) == ZEROS_90 and max(probe.off) == 0 and len(probe.off) == 16
-    assert len(cb.engine.optimizers[0].param_groups) == 2 and zeros(model) == ZEROS_90
+    assert len(t.optimizers[0].param_groups) == 2 and zeros(model) == ZEROS_90 and cb.engine.optimizers == []
 
 
 def test_weights_unfrozen_during_the_fit_that_are_not_targets_are_named_at_fit_end():
@@ -308,3 +308,13 @@ def test_continue_to_a_lower_sparsity_says_at_resume_that_the_model_stays_as_spa
         trainer(max_epochs=3, callbacks=[cb]).fit(model, ckpt_path=path)
     assert zeros(model) == ZEROS_90
     assert math.isclose(cb.sparsity_report().global_sparsity, ZEROS_90 / TOTAL)
+
+
+def test_sparsity_model_checkpoint_without_monitor_is_a_plain_model_checkpoint(tmp_path):
+    L.seed_everything(0)
+    model, cb = Net(), SparsityCallback(GMP(0.9, start=0, end=40, every=4), seed=0)
+    saver = SparsityModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1, filename="{step}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(max_epochs=2, callbacks=[cb, saver], enable_checkpointing=True).fit(model)  # the schedule outlasts the fit
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=16.ckpt", "step=8.ckpt"]

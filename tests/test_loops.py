@@ -51,15 +51,24 @@ def test_every_loop_gives_bitwise_the_same_masks_and_the_same_weights(name, tmp_
 
 
 def test_plain_loop_detach_removes_every_hook_and_keeps_the_sparse_weights():
-    model, engine = plain_run("rigl", dict(sparsity=0.9, every=4, end=12))
-    assert engine.handles == []
-    optimizer = engine.optimizers[0]
+    L.seed_everything(0)
+    model = TinyNet()
+    optimizer = model.configure_optimizers()
+    engine = sparsetrain.attach(model, optimizer, "rigl", sparsity=0.9, every=2, end=6, total_steps=8, seed=0)
+    assert len(optimizer._optimizer_step_pre_hooks) == len(optimizer._optimizer_step_post_hooks) == 1
+    batches = list(random_loader())
+    for x, y in batches[:4]:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.detach()
+    assert engine.handles == [] and engine.optimizers == []  # the optimizer let go
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
     zeros = engine.report().zeros
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(torch.randn(4, 1, 8, 8)), torch.arange(4)).backward()
+    x, y = batches[4]
+    nn.functional.cross_entropy(model(x), y).backward()
     optimizer.step()  # after detach: an ordinary step, the engine does nothing
-    assert engine.step == STEPS and engine.report().zeros < zeros
+    assert engine.step == 4 and engine.report().zeros < zeros
 
 
 def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None):
@@ -177,3 +186,39 @@ def test_fabric_ddp_on_two_processes_keeps_identical_masks_on_every_rank(tmp_pat
     for n, m in final.items():
         assert int(rank0["weights"][n][~m].ne(0).sum()) == 0, n
     assert not all(torch.equal(rank0["history"][0][n], final[n]) for n in final)  # the masks moved
+
+
+def test_attach_after_dense_steps_clears_the_momentum_of_the_weights_it_prunes():
+    L.seed_everything(0)
+    model = TinyNet()
+    optimizer = model.configure_optimizers()  # SGD with momentum: zero-preserving, masks are not re-applied per step
+    batches = list(random_loader())
+    for x, y in batches[:3]:  # dense steps first: momentum everywhere
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    engine = sparsetrain.attach(model, optimizer, "static", sparsity=0.9, seed=0)
+    for x, y in batches[3:5]:
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert zeros_in_masked_positions(model, engine.masks) == 0
+    for n, m in engine.masks.items():
+        assert int(optimizer.state[model.get_parameter(n)]["momentum_buffer"][~m].ne(0).sum()) == 0, n
+
+
+def test_a_fused_optimizer_under_grad_scaler_counts_only_the_steps_it_makes():
+    L.seed_everything(0)
+    model = TinyNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    engine = sparsetrain.attach(model, optimizer, "rigl", sparsity=0.8, every=2, end=8, distribution="uniform", seed=0)
+    for i, (x, y) in enumerate(list(random_loader())[:6]):
+        loss = nn.functional.cross_entropy(model(x), y) * (float("inf") if i == 2 else 1.0)  # step 3 overflows
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)  # a fused optimizer: GradScaler calls its step also on inf, which changes nothing
+        scaler.update()
+        optimizer.zero_grad()
+    made = int(optimizer.state[model.fc1.weight]["step"])
+    assert made == 5 and engine.step == made
+    assert zeros_in_masked_positions(model, engine.masks) == 0

@@ -13,8 +13,11 @@ The callback drives a :class:`~sparsetrain.engine.SparsityEngine` through the op
 they run after gradient clipping and AMP unscaling), and counts steps as the Trainer does (``state.global_step``,
 ``max_steps`` for fractions of training). Every checkpoint folder ``checkpoint-<step>`` gets the run's state in
 ``sparsetrain.pt``; ``trainer.train(resume_from_checkpoint=...)`` reads it back from the folder of the resumed
-step, so the run continues exactly. The sparsity metrics are added to the Trainer's ``logs`` (the callbacks after
-this one, and ``state.log_history``).
+step, so the run continues exactly (a folder outside ``output_dir``: give it as
+``TrainingArguments(resume_from_checkpoint=...)``, since the Trainer does not tell callbacks where it resumes from).
+With ``load_best_model_at_end`` the masks of the best checkpoint come back with its weights (and a warning when
+that checkpoint predates the final sparsity). The sparsity metrics are added to the Trainer's ``logs`` (the
+callbacks after this one, and ``state.log_history``).
 
 Clipping (``max_grad_norm``, on by default in ``TrainingArguments``) runs before the hooks, so the clipped norm
 includes the pruned weights' gradients; set ``max_grad_norm=0`` or accept that small difference from the
@@ -24,6 +27,7 @@ Lightning callback, which masks before clipping.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from transformers import TrainerCallback
@@ -53,6 +57,7 @@ class SparsityTrainerCallback(TrainerCallback):
         self._latest = metrics
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.engine.detach_hooks()  # a previous train() that raised left its hooks
         saved = None
         if state.global_step > 0:  # a resume: the Trainer names its checkpoint folders by step
             folders = [os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
@@ -62,9 +67,15 @@ class SparsityTrainerCallback(TrainerCallback):
             if not found:
                 raise SparsityConfigError(
                     f"resume_from_checkpoint: the Trainer resumes at step {state.global_step}, but no {STATE_FILE} is in "
-                    f"{' or '.join(folders)}: resume from a checkpoint that a SparsityTrainerCallback wrote"
+                    f"{' or '.join(folders)}. The Trainer does not tell callbacks which folder it resumes from: resume "
+                    "from a checkpoint in output_dir, or give its folder as TrainingArguments(resume_from_checkpoint=...)"
                 )
             saved = torch.load(os.path.join(found[0], STATE_FILE), map_location="cpu", weights_only=False)
+            if saved["step"] != state.global_step:
+                raise SparsityConfigError(
+                    f"{os.path.join(found[0], STATE_FILE)} holds step {saved['step']}, but the Trainer resumes at step "
+                    f"{state.global_step}: it belongs to another run"
+                )
         total = state.max_steps if state.max_steps and state.max_steps > 0 else None
         # the Trainer passes its optimizer to callbacks only when the user gave it (optimizers=...): else None,
         # and the engine finds it at its first step
@@ -87,4 +98,20 @@ class SparsityTrainerCallback(TrainerCallback):
             torch.save(run_state, os.path.join(folder, STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
+        best = state.best_model_checkpoint if args.load_best_model_at_end else None
+        saved = os.path.join(best, STATE_FILE) if best else None
+        if saved and os.path.isfile(saved):  # the Trainer has loaded the best checkpoint's weights: take its masks
+            best_state = torch.load(saved, map_location="cpu", weights_only=False)
+            self.engine.masks = self.engine._on_devices(best_state["masks"])
+            if not best_state.get("final", True):
+                warnings.warn(
+                    f"sparsetrain: the best checkpoint ({best}, metric_for_best_model={args.metric_for_best_model!r}) was "
+                    f"saved at step {best_state['step']} at {best_state['sparsity']:.2%} sparsity, before the method reached "
+                    "its final sparsity with hard masks: load_best_model_at_end loaded that model. Set "
+                    "load_best_model_at_end=False to keep the final weights",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.engine.detach_hooks()
+                return
         self.engine.detach()

@@ -64,10 +64,11 @@ class SparsityModelCheckpoint(ModelCheckpoint):
     With ``monitor="val/acc"`` and a plain ``ModelCheckpoint``, the best score usually comes from the middle of a
     pruning schedule, where the model is denser (GMP) or its masks are still soft (SR-STE, annealing), and
     ``trainer.test(ckpt_path="best")`` evaluates that denser model. This class takes the same arguments; before
-    the schedules end it writes only ``last.ckpt`` (with ``save_last``) and the periodic checkpoints. Methods that
+    the schedules end it writes only ``last.ckpt`` (with ``save_last``); without ``monitor`` it is a plain
+    ``ModelCheckpoint`` (the latest checkpoints). Methods that
     hold their sparsity from the start (Static, RigL, SET) are at their final sparsity from the first step.
     """
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
-        if all(c.engine.at_final_sparsity() for c in sparsity_callbacks(trainer)):
+        if self.monitor is None or all(c.engine.at_final_sparsity() for c in sparsity_callbacks(trainer)):
             super()._save_topk_checkpoint(trainer, monitor_candidates)

@@ -18,7 +18,8 @@ forwards see sampled or straight-through weights (forward ``f`` after step ``t``
 ``(t, f)``), evaluation forwards (``model.eval()``) the target network ``w * mask``.
 
 * ``torch.amp.GradScaler``: ``scaler.step(optimizer)`` unscales before the step, so the hooks see the real
-  gradients; a step it skips (inf/NaN) is not an optimizer step and is not counted.
+  gradients; a step it skips (inf/NaN) is not an optimizer step and is not counted. A fused optimizer
+  (``fused=True``) unscales inside its step: the hooks then read the scale and the inf flag GradScaler gives it.
 * Gradient clipping before ``optimizer.step()`` sees the pruned weights' gradients too; call
   ``engine.mask_gradients()`` before clipping to clip what the optimizer will use (the Lightning callback does).
 * Resume: ``torch.save(engine.state_dict(), path)`` next to the model's and optimizer's state, and
@@ -71,6 +72,7 @@ class StepHooks:
     def __init__(self, engine: SparsityEngine, model: nn.Module, counts_steps: bool):
         self.engine, self.model, self.counts_steps = engine, model, counts_steps
         self.forwards = 0  # training forwards since the last optimizer step
+        self.skipped = False  # the step in progress changes nothing (GradScaler found inf with a fused optimizer)
 
     def before_any_step(self, optimizer, args, kwargs) -> None:
         """A global hook (the optimizers were not given): an optimizer that trains a target joins at its first step."""
@@ -86,10 +88,15 @@ class StepHooks:
     def before_step(self, optimizer, args, kwargs) -> None:
         self.engine.end_forwards()
         self.forwards = 0
-        self.engine.before_optimizer_step(optimizer)
+        # a fused optimizer under GradScaler unscales inside its step: GradScaler hands it the scale and the inf
+        # flag as attributes, and calls the step also when the gradients are not finite (it then changes nothing)
+        found_inf, scale = getattr(optimizer, "found_inf", None), getattr(optimizer, "grad_scale", None)
+        self.skipped = found_inf is not None and bool(found_inf.item())
+        if not self.skipped:
+            self.engine.before_optimizer_step(optimizer, grad_scale=1.0 if scale is None else scale)
 
     def after_step(self, optimizer, args, kwargs) -> None:
-        if self.counts_steps:
+        if self.counts_steps and not self.skipped:
             self.engine.advance(self.engine.step + 1)
 
     def before_forward(self, module: nn.Module, args) -> None:

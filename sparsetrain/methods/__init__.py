@@ -5,6 +5,8 @@ Each class registers itself at its definition (:func:`~sparsetrain.methods.base.
 classes, with what each supports; :func:`method_from_name` builds one with its arguments.
 """
 
+import inspect
+
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.methods.base import METHODS, SparsityContext, SparsityMethod, register_method
 
@@ -25,10 +27,13 @@ def method_from_name(name: str, **args) -> SparsityMethod:
     cls = METHODS.get(name.lower()) if isinstance(name, str) else None
     if cls is None:
         raise SparsityConfigError(f"method={name!r} is unknown; allowed: {', '.join(METHODS)} (or a SparsityMethod instance)")
-    try:
-        return cls(**args)
-    except TypeError as err:  # an argument the method does not take
-        raise SparsityConfigError(f"{cls.__name__} does not take {err}".replace(f"{cls.__name__}.__init__() ", "")) from None
+    unknown = [k for k in args if k not in inspect.signature(cls).parameters]
+    if unknown:
+        raise SparsityConfigError(
+            f"{cls.__name__} does not take {', '.join(f'{k}={args[k]!r}' for k in unknown)}; its arguments: "
+            f"{', '.join(inspect.signature(cls).parameters)}"
+        )
+    return cls(**args)
 
 
 __all__ = [
