@@ -1,0 +1,98 @@
+"""Timing for ``compute="auto"``: masked dense against the sparse kernels, for one layer as it really runs.
+
+A candidate's time is one forward plus backward of the layer alone, with the layer's own mask, on
+random tensors of its real shapes and dtypes (weight, input of the real number of rows, output
+gradient), on its device and at the current thread count. ``masked`` is ``F.linear`` (under autocast
+where the training forward is) plus the gradient mask multiply that the masked path does for the
+layer; ``csr`` and ``2:4`` are :func:`.linear.csr_linear` and :func:`.linear.semi_structured_linear`
+(their weight gradient already has its zeros). Every candidate runs once untimed, then once timed
+(the screening round); a candidate whose screening time is more than ``GIVE_UP`` times the fastest
+and more than ``GIVE_UP_MS`` is not timed further (that time stands); the others take turns for ``REPEATS`` more rounds, the
+order rotating from round to round, and their time is the median. Random tensors come from a private generator: the run's random stream is untouched.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sparsetrain.core.kernels import MaskKernel
+from sparsetrain.core.sparse.linear import SemiStructuredPattern, csr_linear, semi_structured_linear
+from sparsetrain.core.sparse.pattern import SparsePattern
+
+REPEATS = 3
+GIVE_UP = 3.0  # a candidate this many times slower than the fastest in the screening round ...
+GIVE_UP_MS = 20.0  # ... and slower than this is not timed further (bounds the cost of timing large layers)
+_MASK_KERNEL = MaskKernel("eager")
+
+
+def density_bucket(density: float) -> int:
+    """Quarter-octave bucket of a density (1, 0.84, 0.71, 0.59, 0.5, ..., 0.05, 0.042, ...): layers of the
+    same shape whose densities share a bucket share one timing."""
+    return round(4 * math.log2(max(density, 1e-9)))
+
+
+def time_layer(
+    mask: Tensor,
+    transposed: bool,
+    rows: int,
+    x_dtype: torch.dtype,
+    weight_dtype: torch.dtype,
+    autocast_dtype: torch.dtype | None,
+    x_requires_grad: bool,
+    has_bias: bool,
+    candidates: list[str],
+) -> dict[str, float]:
+    """Milliseconds of a forward plus backward per candidate (``masked`` and each of ``candidates``)."""
+    device = mask.device
+    gen = torch.Generator(device).manual_seed(0)
+    linear_mask = mask.t() if transposed else mask
+    out_features, in_features = linear_mask.shape
+    result_dtype = autocast_dtype or x_dtype
+    weight = (torch.randn(mask.shape, generator=gen, device=device) * mask).to(weight_dtype).requires_grad_()
+    bias = torch.randn(out_features, generator=gen, device=device).to(weight_dtype).requires_grad_() if has_bias else None
+    x = torch.randn(rows, in_features, generator=gen, device=device).to(x_dtype).requires_grad_(x_requires_grad)
+    dy = torch.randn(rows, out_features, generator=gen, device=device).to(result_dtype)
+    inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+    w_index = next(i for i, t in enumerate(inputs) if t is weight)
+    mask_bytes = [mask.view(torch.uint8)]
+
+    def masked():
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            y = F.linear(x, weight.t() if transposed else weight, bias)
+        grads = torch.autograd.grad(y, inputs, dy)
+        _MASK_KERNEL([grads[w_index]], mask_bytes)
+
+    runs = {"masked": masked}
+    if "csr" in candidates:
+        pattern = SparsePattern(mask, transposed)
+        runs["csr"] = lambda: torch.autograd.grad(csr_linear(x, weight, bias, pattern, dtype=result_dtype), inputs, dy)
+    if "2:4" in candidates:
+        semi = SemiStructuredPattern(mask, transposed)
+        runs["2:4"] = lambda: torch.autograd.grad(semi_structured_linear(x, weight, bias, semi, dtype=result_dtype), inputs, dy)
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def timed(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    with torch.enable_grad():
+        for fn in runs.values():  # first calls pay one-off costs (allocations, kernel selection)
+            fn()
+        warm = {name: timed(fn) for name, fn in runs.items()}
+        fastest = min(warm.values())
+        active = [n for n in runs if warm[n] <= max(GIVE_UP * fastest, GIVE_UP_MS)]
+        times: dict[str, list[float]] = {n: [] for n in active}
+        for r in range(REPEATS):
+            for name in active[r % len(active):] + active[: r % len(active)]:
+                times[name].append(timed(runs[name]))
+    return {n: (statistics.median(times[n]) if n in times else warm[n]) for n in runs}
