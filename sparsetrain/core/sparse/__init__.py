@@ -8,7 +8,7 @@
 Plain torch, no Lightning. See ``docs/sparse_compute.md``.
 """
 
-from sparsetrain.core.sparse.compute import COMPUTE_MODES, SPARSE_KERNELS, SparseCompute
+from sparsetrain.core.sparse.compute import COMPUTE_MODES, SPARSE_KERNELS, SparseCompute, refusals
 from sparsetrain.core.sparse.linear import SemiStructuredPattern, csr_linear, kernel_dtype, semi_structured_linear
 from sparsetrain.core.sparse.pattern import SparsePattern
 
@@ -20,5 +20,6 @@ __all__ = [
     "SparsePattern",
     "csr_linear",
     "kernel_dtype",
+    "refusals",
     "semi_structured_linear",
 ]

@@ -97,6 +97,7 @@ class _Layer:
 
     name: str  # the target's name
     module_name: str
+    module: nn.Module
     weight: Tensor
     transposed: bool  # HF Conv1D: stored (in, out)
     mask: Tensor | None = None
@@ -131,13 +132,16 @@ class SparseCompute:
     How an engine drives it:
 
     * at start: construct it (after the masks exist, with the weights already zero at pruned positions);
-    * after every mask change: :meth:`update_masks` (rebuilds the patterns of the changed masks);
+    * after every mask change: :meth:`update_masks` with the changed masks (rebuilds their patterns);
     * before the forward of a step whose mask update needs dense gradients (RigL, GraNet):
       ``dense_weight_grads(True)``, and ``dense_weight_grads(False)`` after that update;
     * before the optimizer step, instead of masking every target's gradient: mask only the
       gradients of :meth:`grads_to_mask` (the others are exactly zero at pruned positions already);
     * once, after the first step: log :meth:`table`; optionally :meth:`verify_grads`;
     * at the end: :meth:`detach`.
+
+    In ``auto``, a layer found faster masked loses its hooks after that forward (no cost per step
+    from then on) and gets them back when its mask changes.
 
     The weights must stay exactly zero at pruned positions (the engine's invariant): the CSR kernels
     read only kept positions, so a stray non-zero at a pruned position would be invisible here.
@@ -170,55 +174,52 @@ class SparseCompute:
                 self.refused[name] = reason
             else:
                 module_name, module = owner
-                self.layers[name] = _Layer(name, module_name, param, _is_hf_conv1d(module))
+                self.layers[name] = _Layer(name, module_name, module, param, _is_hf_conv1d(module))
         if mode == "sparse" and self.refused:
             lines = "\n".join(f"  {n}: {why}" for n, why in self.refused.items())
             raise SparsityConfigError(
                 f"compute='sparse' cannot run these targets on sparse kernels:\n{lines}\n"
                 "Use compute='auto' (they stay masked), exclude them from the targets, or compute='masked'."
             )
-        self.update_masks(masks)
-        for layer in self.layers.values():
-            module = model.get_submodule(layer.module_name)
-            layer.mode = _Intercept(self, layer)
-            layer.handles = [
-                module.register_forward_pre_hook(_Enter(layer)),
-                module.register_forward_hook(_Exit(layer), always_call=True),
-            ]
-
-    # ------------------------------------------------------------------ engine-facing
-    def update_masks(self, masks: Mapping[str, Tensor]) -> list[str]:
-        """Take new masks: rebuild the pattern of every layer whose mask changed; returns their names.
-
-        In ``auto`` a rebuilt layer is timed again at its next training forward unless a layer of the
-        same shape, density bucket, input rows, dtype and thread count was timed already.
-        """
         missing = [n for n in self.layers if n not in masks]
         if missing:
-            raise SparsityConfigError(f"update_masks: no mask for {', '.join(missing)}")
-        changed = []
-        for name, layer in self.layers.items():
-            mask = masks[name]
-            if tuple(mask.shape) != tuple(layer.weight.shape) or mask.dtype != torch.bool:
-                raise SparsityConfigError(
-                    f"mask of {name} is {tuple(mask.shape)} {mask.dtype}; the weight is {tuple(layer.weight.shape)}, masks are bool"
-                )
-            if layer.mask is not None and torch.equal(layer.mask, mask):
+            raise SparsityConfigError(f"SparseCompute: no mask for {', '.join(missing)}")
+        self.update_masks(masks)
+
+    # ------------------------------------------------------------------ engine-facing
+    def update_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Take new masks: rebuild the pattern of every layer named in ``masks`` (the changed ones; passing
+        all is fine, each costs one pass over its mask). Names that are not sparse layers are ignored.
+
+        The masks are kept by reference (no copy): call this again after changing one in place. In
+        ``auto`` a rebuilt layer is timed again at its next training forward unless a layer of the same
+        shape, density bucket, input rows, dtypes and thread count was timed already.
+        """
+        for name, mask in masks.items():
+            layer = self.layers.get(name)
+            if layer is None:
                 continue
-            layer.mask = mask.detach().clone()
+            if tuple(mask.shape) != tuple(layer.weight.shape) or mask.dtype != torch.bool or mask.device != layer.weight.device:
+                raise SparsityConfigError(
+                    f"mask of {name} is {tuple(mask.shape)} {mask.dtype} on {mask.device}; the weight is "
+                    f"{tuple(layer.weight.shape)} on {layer.weight.device}, and masks are bool"
+                )
+            layer.mask = mask.detach()
             layer.pattern = SparsePattern(layer.mask, layer.transposed) if "csr" in self.kernels else None
             layer.semi = None
             if "2:4" in self.kernels and semi_structured_reason(layer.mask, layer.transposed) is None:
                 layer.semi = SemiStructuredPattern(layer.mask, layer.transposed)
             if self.mode == "sparse":
-                layer.choice = "2:4" if layer.semi is not None else "csr"
                 if layer.pattern is None and layer.semi is None:
-                    raise SparsityConfigError(f"compute='sparse': {name} has no kernel among kernels={self.kernels} ({semi_structured_reason(layer.mask, layer.transposed)})")
-                layer.reason = "compute='sparse'"
+                    raise SparsityConfigError(
+                        f"compute='sparse': {name} has no kernel among kernels={self.kernels} "
+                        f"({semi_structured_reason(layer.mask, layer.transposed)})"
+                    )
+                layer.choice, layer.reason = ("2:4" if layer.semi is not None else "csr"), "compute='sparse'"
             elif not layer.foreign:
                 layer.choice, layer.reason, layer.timings = None, "", {}
-            changed.append(name)
-        return changed
+            if layer.choice != "masked" and not layer.handles:
+                _hook(self, layer)
 
     def dense_weight_grads(self, on: bool) -> None:
         """While on, the weight gradients of sparse layers are the full dense ``dY^T X`` (for a drop-and-grow
@@ -269,9 +270,7 @@ class SparseCompute:
     def detach(self) -> None:
         """Remove the hooks and drop the patterns; the model is exactly as before."""
         for layer in self.layers.values():
-            for handle in layer.handles:
-                handle.remove()
-            layer.handles = []
+            _unhook(layer)
             if layer.pattern is not None:
                 layer.pattern.release()
         self.layers = {}
@@ -322,6 +321,20 @@ class SparseCompute:
         layer.choice, layer.reason, layer.foreign = "masked", why, True
 
 
+def _hook(compute: SparseCompute, layer: _Layer) -> None:
+    layer.mode = _Intercept(compute, layer)
+    layer.handles = [
+        layer.module.register_forward_pre_hook(_Enter(layer)),
+        layer.module.register_forward_hook(_Exit(layer), always_call=True),
+    ]
+
+
+def _unhook(layer: _Layer) -> None:
+    for handle in layer.handles:
+        handle.remove()
+    layer.handles = []
+
+
 class _Intercept(TorchFunctionMode):
     """Active only inside one module's forward: routes the product with that module's weight to the sparse kernel."""
 
@@ -370,6 +383,15 @@ class _Exit(_Enter):
     def __call__(self, module, args, output):
         if self.layer is not None:
             self.layer.mode.__exit__(None, None, None)
+            if self.layer.choice == "masked":  # decided (auto): no interception cost from now on
+                _unhook(self.layer)
+
+
+def refusals(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, str]:
+    """``{target: reason}`` for every target the sparse kernels cannot take (what ``compute="sparse"`` refuses)."""
+    uses = _uses(model, targets)
+    found = {name: _refusal(name, param, uses.get(name, []), model)[0] for name, param in targets.items()}
+    return {name: why for name, why in found.items() if why is not None}
 
 
 def _uses(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, list[tuple[str, nn.Module, str]]]:

@@ -11,15 +11,30 @@ mask of ``M`` a :class:`SparsePattern` holds
   ``values = weight.view(-1)[flat]`` reads the kept values straight from the dense parameter;
 * a dense gradient buffer (stored shape) reused from step to step (:meth:`weight_grad`).
 
-CSR indices are ``int32`` where they fit (MKL and cuSPARSE run faster on them), else ``int64``.
+CSR indices and ``perm`` are ``int32`` where they fit (MKL and cuSPARSE run faster on them, and they
+take half the memory), else ``int64``; ``flat`` is ``int64`` (``index_copy_`` takes no other). In all,
+16 bytes per kept weight with int32 (0.8 bytes per weight at 95 % sparsity), plus the gradient buffer.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
 
 _INT32_MAX = 2**31 - 1
+_beta_warning_seen = False
+
+
+def _silence_csr_beta_warning() -> None:
+    """torch warns once per process that CSR tensors are "in beta"; take that one warning here, silently."""
+    global _beta_warning_seen
+    if not _beta_warning_seen:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.eye(1).to_sparse_csr()
+        _beta_warning_seen = True
 
 
 class SparsePattern:
@@ -32,6 +47,7 @@ class SparsePattern:
     def __init__(self, mask: Tensor, transposed: bool = False):
         if mask.dim() != 2 or mask.dtype != torch.bool:
             raise ValueError(f"a pattern needs a 2-D bool mask, got {tuple(mask.shape)} {mask.dtype}")
+        _silence_csr_beta_warning()
         self.transposed = transposed
         linear_mask = mask.t() if transposed else mask
         self.out_features, self.in_features = linear_mask.shape
@@ -41,9 +57,10 @@ class SparsePattern:
         index = torch.int32 if max(self.nnz, *linear_mask.shape) <= _INT32_MAX else torch.int64
         self.crow = _crow(rows, self.out_features).to(index)
         self.col = cols.to(index)
-        self.perm = torch.argsort(cols, stable=True)  # by column, rows ascending inside: CSR order of M^T
-        self.crow_t = _crow(cols[self.perm], self.in_features).to(index)
-        self.col_t = rows[self.perm].to(index)
+        perm = torch.argsort(cols, stable=True)  # by column, rows ascending inside: CSR order of M^T
+        self.crow_t = _crow(cols[perm], self.in_features).to(index)
+        self.col_t = rows[perm].to(index)
+        self.perm = perm.to(index)
         stride_out, stride_in = (1, self.out_features) if transposed else (self.in_features, 1)
         self.flat = rows * stride_out + cols * stride_in
         self._grad_buffer: Tensor | None = None
