@@ -14,7 +14,11 @@ from torch import nn
 
 from sparsetrain.core import SparsityConfigError, select_targets
 from sparsetrain.core.sparse import SparseCompute, SparsePattern, csr_linear, refusals
-from sparsetrain.core.sparse.linear import SemiStructuredPattern, semi_structured_linear, semi_structured_reason
+from sparsetrain.core.sparse.linear import (
+    SemiStructuredPattern,
+    semi_structured_linear,
+    semi_structured_reason,
+)
 
 
 def masked_weight(shape, density=0.3, seed=0, dtype=torch.float32):
@@ -123,7 +127,7 @@ def test_autocast_bf16_gives_bf16_outputs_and_fp32_grads_with_exact_zeros():
 
 def test_twenty_sgd_steps_match_the_masked_path():
     model, ref = mlp(), mlp()
-    targets, masks, compute = sparse_model(model)
+    _, masks, compute = sparse_model(model)
     ref.load_state_dict(model.state_dict())
     ref_targets = select_targets(ref)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
@@ -164,7 +168,7 @@ def test_model_is_unchanged_while_attached_and_after_detach():
 
 def test_update_masks_rebuilds_the_pattern():
     model = mlp()
-    targets, masks, compute = sparse_model(model)
+    targets, _, compute = sparse_model(model)
     name = "2.weight"
     new = torch.rand(targets[name].shape, generator=torch.Generator().manual_seed(5)) < 0.1
     with torch.no_grad():
@@ -192,7 +196,7 @@ def test_dense_weight_grads_switch():
 
 def test_no_grad_and_inference_mode_forwards():
     model = mlp()
-    _, _, compute = sparse_model(model)
+    sparse_model(model)
     ref = copy.deepcopy(model)
     x = torch.randn(4, 20)
     with torch.inference_mode():

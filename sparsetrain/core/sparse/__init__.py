@@ -8,8 +8,18 @@
 Plain torch, no Lightning. See ``docs/sparse_compute.md``.
 """
 
-from sparsetrain.core.sparse.compute import COMPUTE_MODES, SPARSE_KERNELS, SparseCompute, refusals
-from sparsetrain.core.sparse.linear import SemiStructuredPattern, csr_linear, kernel_dtype, semi_structured_linear
+from sparsetrain.core.sparse.compute import (
+    COMPUTE_MODES,
+    SPARSE_KERNELS,
+    SparseCompute,
+    refusals,
+)
+from sparsetrain.core.sparse.linear import (
+    SemiStructuredPattern,
+    csr_linear,
+    kernel_dtype,
+    semi_structured_linear,
+)
 from sparsetrain.core.sparse.pattern import SparsePattern
 
 __all__ = [

@@ -7,8 +7,9 @@ where the training forward is) plus the gradient mask multiply that the masked p
 layer; ``csr`` and ``2:4`` are :func:`.linear.csr_linear` and :func:`.linear.semi_structured_linear`
 (their weight gradient already has its zeros). Every candidate runs once untimed, then once timed
 (the screening round); a candidate whose screening time is more than ``GIVE_UP`` times the fastest
-and more than ``GIVE_UP_MS`` is not timed further (that time stands); the others take turns for ``REPEATS`` more rounds, the
-order rotating from round to round, and their time is the median. Random tensors come from a private generator: the run's random stream is untouched.
+and more than ``GIVE_UP_MS`` is not timed further (that time stands); the others take turns for ``REPEATS`` more rounds, and more
+(up to ``MAX_ROUNDS``) until each has run ``MIN_TIMED_MS`` in all (sub-millisecond layers are at the
+mercy of a busy machine otherwise), the order rotating from round to round; their time is the median. Random tensors come from a private generator: the run's random stream is untouched.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sparsetrain.core.kernels import MaskKernel
-from sparsetrain.core.sparse.linear import SemiStructuredPattern, csr_linear, semi_structured_linear
+from sparsetrain.core.sparse.linear import (
+    SemiStructuredPattern,
+    csr_linear,
+    semi_structured_linear,
+)
 from sparsetrain.core.sparse.pattern import SparsePattern
 
-REPEATS = 3
+REPEATS = 3  # rounds at least ...
+MIN_TIMED_MS = 50.0  # ... and more, up to MAX_ROUNDS, until each candidate has run this long (small layers are noisy)
+MAX_ROUNDS = 25
 GIVE_UP = 3.0  # a candidate this many times slower than the fastest in the screening round ...
 GIVE_UP_MS = 20.0  # ... and slower than this is not timed further (bounds the cost of timing large layers)
 _MASK_KERNEL = MaskKernel("eager")
@@ -92,7 +99,9 @@ def time_layer(
         fastest = min(warm.values())
         active = [n for n in runs if warm[n] <= max(GIVE_UP * fastest, GIVE_UP_MS)]
         times: dict[str, list[float]] = {n: [] for n in active}
-        for r in range(REPEATS):
+        r = 0
+        while r < REPEATS or (r < MAX_ROUNDS and min(sum(t) for t in times.values()) < MIN_TIMED_MS):
             for name in active[r % len(active):] + active[: r % len(active)]:
                 times[name].append(timed(runs[name]))
+            r += 1
     return {n: (statistics.median(times[n]) if n in times else warm[n]) for n in runs}

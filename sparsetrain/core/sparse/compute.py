@@ -61,7 +61,6 @@ from sparsetrain.core.sparse import calibrate
 from sparsetrain.core.sparse.linear import (
     SemiStructuredPattern,
     csr_linear,
-    kernel_dtype,
     semi_structured_linear,
     semi_structured_reason,
 )
@@ -72,7 +71,7 @@ SPARSE_KERNELS = ("csr", "2:4")
 HF_CONV1D = "Conv1D"
 # reads of a weight that do not compute with its values (properties and plain queries)
 _QUERY_PROPERTIES = frozenset(
-    "shape dtype device requires_grad is_cuda is_sparse is_quantized is_meta layout ndim is_leaf names grad_fn itemsize nbytes".split()
+    ["shape", "dtype", "device", "requires_grad", "is_cuda", "is_sparse", "is_quantized", "is_meta", "layout", "ndim", "is_leaf", "names", "grad_fn", "itemsize", "nbytes"]
 )
 _QUERY_METHODS = frozenset(
     [Tensor.size, Tensor.dim, Tensor.numel, Tensor.__len__, Tensor.stride, Tensor.is_contiguous, Tensor.element_size,
