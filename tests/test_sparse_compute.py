@@ -111,18 +111,20 @@ def sparse_model(model, density=0.3, mode="sparse", seed=0):
     return targets, masks, SparseCompute(model, targets, masks, mode=mode)
 
 
-def test_autocast_bf16_gives_bf16_outputs_and_fp32_grads_with_exact_zeros():
-    model = mlp()
-    targets, masks, _ = sparse_model(model)
+@pytest.mark.parametrize("mode", ["sparse", "auto"])
+def test_autocast_bf16_gives_bf16_outputs_and_fp32_grads_with_exact_zeros(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32))  # large enough for MKL's CSR kernels
+    targets, masks, compute = sparse_model(model, mode=mode)
     ref = copy.deepcopy(model)
-    x = torch.randn(8, 20)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # auto times its candidates under autocast too
         y, y_ref = model(x), ref(x)
     assert y.dtype == torch.bfloat16
-    assert torch.allclose(y.float(), y_ref.float(), atol=3e-2)
+    assert torch.allclose(y.float(), y_ref.float(), atol=5e-2)
     y.float().sum().backward()
-    for n, p in targets.items():
-        assert p.grad.dtype == torch.float32 and torch.all(p.grad[~masks[n]] == 0)
+    for n in compute.sparse_targets():
+        assert targets[n].grad.dtype == torch.float32 and torch.all(targets[n].grad[~masks[n]] == 0)
 
 
 def test_twenty_sgd_steps_match_the_masked_path():
@@ -259,6 +261,53 @@ def test_refusals_name_the_layer_and_the_reason():
     rows = {r["layer"]: r for r in compute.table()}
     assert rows["conv.weight"]["choice"] == "masked" and "convolution" in rows["conv.weight"]["reason"]
     assert set(compute.grads_to_mask()) >= {"conv.weight", "attn.out_proj.weight", "attn.in_proj_weight"}
+
+
+class PointwiseNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.point = nn.Conv2d(8, 16, 1)
+        self.strided = nn.Conv2d(16, 4, 1, stride=2)
+
+    def forward(self, x):
+        return self.strided(torch.relu(self.point(torch.relu(self.conv(x)))))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_pointwise_convolution_runs_sparse_and_other_convolutions_are_refused(memory_format):
+    model = PointwiseNet().to(memory_format=memory_format)
+    targets = select_targets(model)
+    refused = refusals(model, targets)
+    assert set(refused) == {"conv.weight", "strided.weight"} and "stride (2, 2)" in refused["strided.weight"]
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(p.shape, generator=gen) < 0.3 for n, p in targets.items()}
+    with torch.no_grad():
+        for n, p in targets.items():
+            p.mul_(masks[n])
+    ref = copy.deepcopy(model)
+    taken = {"point.weight": targets["point.weight"]}
+    compute = SparseCompute(model, taken, masks, mode="sparse")
+    x = torch.randn(2, 3, 6, 6).to(memory_format=memory_format)
+    y, y_ref = model(x), ref(x)
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert compute.layers["point.weight"].kind == "conv1x1" and compute.table()[0]["rows"] == 2 * 6 * 6
+    y.square().sum().backward(), y_ref.square().sum().backward()
+    grad, ref_grad = model.point.weight.grad, ref.point.weight.grad
+    assert grad.shape == (16, 8, 1, 1) and torch.allclose(grad, ref_grad * masks["point.weight"], atol=1e-4)
+    assert torch.all(grad[~masks["point.weight"]] == 0)
+    assert torch.allclose(model.conv.weight.grad, ref.conv.weight.grad, atol=1e-4)  # flows through dX
+
+
+def test_auto_times_a_pointwise_convolution_in_its_memory_format():
+    model = PointwiseNet().to(memory_format=torch.channels_last)
+    targets = select_targets(model)
+    masks = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(0)) < 0.05 for n, p in targets.items()}
+    compute = SparseCompute(model, targets, masks, mode="auto")
+    model(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    row = {r["layer"]: r for r in compute.table()}["point.weight"]
+    assert row["kind"] == "conv1x1" and row["ms_masked"] > 0 and row["ms_csr"] > 0 and row["choice"] in ("masked", "csr")
+    assert "point.weight" in compute.grads_to_mask() or torch.all(model.point.weight.grad[~masks["point.weight"]] == 0)
 
 
 class TransposingLinear(nn.Linear):

@@ -1,11 +1,11 @@
 """Timing for ``compute="auto"``: masked dense against the sparse kernels, for one layer as it really runs.
 
 A candidate's time is one forward plus backward of the layer alone, with the layer's own mask, on
-random tensors of its real shapes and dtypes (weight, input of the real number of rows, output
-gradient), on its device and at the current thread count. ``masked`` is ``F.linear`` (under autocast
-where the training forward is) plus the gradient mask multiply that the masked path does for the
-layer; ``csr`` and ``2:4`` are :func:`.linear.csr_linear` and :func:`.linear.semi_structured_linear`
-(their weight gradient already has its zeros). Every candidate runs once untimed, then once timed
+random tensors of its real shapes, dtypes and memory format (weight, input, output gradient), on its
+device and at the current thread count. ``masked`` is the dense product (``F.linear``, ``F.conv2d``;
+under autocast where the training forward is) plus the gradient mask multiply that the masked path
+does for the layer; the sparse candidates are the kernels of :mod:`.linear` (their weight gradient
+already has its zeros). Every candidate runs once untimed, then once timed
 (the screening round); a candidate whose screening time is more than ``GIVE_UP`` times the fastest
 and more than ``GIVE_UP_MS`` is not timed further (that time stands); the others take turns for ``REPEATS`` more rounds, and more
 (up to ``MAX_ROUNDS``) until each has run ``MIN_TIMED_MS`` in all (sub-millisecond layers are at the
@@ -17,18 +17,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from sparsetrain.core.kernels import MaskKernel
-from sparsetrain.core.sparse.linear import (
-    SemiStructuredPattern,
-    csr_linear,
-    semi_structured_linear,
-)
-from sparsetrain.core.sparse.pattern import SparsePattern
 
 REPEATS = 3  # rounds at least ...
 MIN_TIMED_MS = 50.0  # ... and more, up to MAX_ROUNDS, until each candidate has run this long (small layers are noisy)
@@ -45,43 +39,47 @@ def density_bucket(density: float) -> int:
 
 
 def time_layer(
+    products: dict[str, Callable],
     mask: Tensor,
-    transposed: bool,
-    rows: int,
-    x_dtype: torch.dtype,
+    x_like: Tensor,
     weight_dtype: torch.dtype,
+    bias_features: int | None,
     autocast_dtype: torch.dtype | None,
-    x_requires_grad: bool,
-    has_bias: bool,
-    candidates: list[str],
 ) -> dict[str, float]:
-    """Milliseconds of a forward plus backward per candidate (``masked`` and each of ``candidates``)."""
+    """Milliseconds of a forward plus backward per candidate.
+
+    ``products[name](x, weight, bias)`` computes the layer's output; ``"masked"`` is the dense product
+    (run under autocast when ``autocast_dtype`` is given, and followed by the gradient mask multiply),
+    the others the sparse kernels (their weight gradient has its zeros already). ``x_like`` gives the
+    input's shape, dtype, memory format and whether it needs a gradient; ``mask`` the weight's shape.
+    """
     device = mask.device
     gen = torch.Generator(device).manual_seed(0)
-    linear_mask = mask.t() if transposed else mask
-    out_features, in_features = linear_mask.shape
-    result_dtype = autocast_dtype or x_dtype
     weight = (torch.randn(mask.shape, generator=gen, device=device) * mask).to(weight_dtype).requires_grad_()
-    bias = torch.randn(out_features, generator=gen, device=device).to(weight_dtype).requires_grad_() if has_bias else None
-    x = torch.randn(rows, in_features, generator=gen, device=device).to(x_dtype).requires_grad_(x_requires_grad)
-    dy = torch.randn(rows, out_features, generator=gen, device=device).to(result_dtype)
+    bias = None
+    if bias_features is not None:
+        bias = torch.randn(bias_features, generator=gen, device=device).to(weight_dtype).requires_grad_()
+    x = torch.empty_like(x_like).normal_(generator=gen).requires_grad_(x_like.requires_grad)
     inputs = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
     w_index = next(i for i, t in enumerate(inputs) if t is weight)
     mask_bytes = [mask.view(torch.uint8)]
+    dense = products["masked"]
+
+    def dense_product():
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            return dense(x, weight, bias)
+
+    with torch.no_grad():
+        dy = torch.empty_like(dense_product()).normal_(generator=gen)
 
     def masked():
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            y = F.linear(x, weight.t() if transposed else weight, bias)
-        grads = torch.autograd.grad(y, inputs, dy)
+        grads = torch.autograd.grad(dense_product(), inputs, dy)
         _MASK_KERNEL([grads[w_index]], mask_bytes)
 
     runs = {"masked": masked}
-    if "csr" in candidates:
-        pattern = SparsePattern(mask, transposed)
-        runs["csr"] = lambda: torch.autograd.grad(csr_linear(x, weight, bias, pattern, dtype=result_dtype), inputs, dy)
-    if "2:4" in candidates:
-        semi = SemiStructuredPattern(mask, transposed)
-        runs["2:4"] = lambda: torch.autograd.grad(semi_structured_linear(x, weight, bias, semi, dtype=result_dtype), inputs, dy)
+    for name, product in products.items():
+        if name != "masked":
+            runs[name] = lambda product=product: torch.autograd.grad(product(x, weight, bias), inputs, dy)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -101,7 +99,7 @@ def time_layer(
         times: dict[str, list[float]] = {n: [] for n in active}
         r = 0
         while r < REPEATS or (r < MAX_ROUNDS and min(sum(t) for t in times.values()) < MIN_TIMED_MS):
-            for name in active[r % len(active):] + active[: r % len(active)]:
+            for name in active[r % len(active) :] + active[: r % len(active)]:
                 times[name].append(timed(runs[name]))
             r += 1
     return {n: (statistics.median(times[n]) if n in times else warm[n]) for n in runs}

@@ -1,12 +1,13 @@
 """Run the masked linear layers of a model on sparse kernels, without changing the model.
 
 :class:`SparseCompute` is what an engine holds for ``compute="sparse"`` or ``"auto"``. For each
-target it can take (the ``weight`` of an ``nn.Linear``, of a subclass, or of Hugging Face's
-``Conv1D``), it registers a forward pre-hook and an always-called forward hook on the module that
+target it can take (the ``weight`` of an ``nn.Linear`` or a subclass, of Hugging Face's ``Conv1D``,
+or of a pointwise ``nn.Conv2d``: 1x1, stride 1, no padding, one group), it registers a forward pre-hook and an always-called forward hook on the module that
 owns the weight. While that module's forward runs, a ``TorchFunctionMode`` replaces the one call
 that multiplies by the weight (``F.linear(x, weight, bias)``, or ``torch.addmm(bias, x, weight)`` for
-``Conv1D``) with a sparse kernel (:func:`.linear.csr_linear`, or :func:`.linear.semi_structured_linear`
-for 2:4 masks on CUDA). Nothing is renamed, wrapped or parametrized: the parameter stays the
+``Conv1D``, ``F.conv2d(x, weight, bias, ...)`` for a pointwise convolution) with a sparse kernel
+(:func:`.linear.csr_linear`, :func:`.linear.csr_conv1x1`, or :func:`.linear.semi_structured_linear` for
+2:4 masks on CUDA). Nothing is renamed, wrapped or parametrized: the parameter stays the
 parameter, ``state_dict`` keys, ``named_parameters``, the optimizer and checkpoints are untouched,
 and ``detach()`` removes the two hooks per layer. A model deep-copied or pickled while attached gets
 inert copies of the hooks (they hold no reference to this object) and runs dense.
@@ -23,7 +24,8 @@ layer and the call, ``auto`` runs that layer masked from then on.
 What is not taken, and why (``refused``; ``compute="sparse"`` raises listing them, ``auto``
 leaves them masked):
 
-* convolutions: see ``docs/sparse_compute.md`` (measured slower than oneDNN's dense kernels);
+* convolutions other than pointwise ones: im2col + CSR measured slower than oneDNN's dense kernels
+  except on 4x4 maps (``docs/sparse_compute.md``);
 * ``nn.MultiheadAttention`` projections: its forward passes ``in_proj_weight`` and
   ``out_proj.weight`` to ``F.multi_head_attention_forward``, which never calls ``out_proj``'s
   forward and cannot be entered by a mode without re-implementing it;
@@ -46,7 +48,6 @@ rows, dtype, thread count and pattern (:mod:`.calibrate`); results are cached pe
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ from sparsetrain.core.shards import DTensor
 from sparsetrain.core.sparse import calibrate
 from sparsetrain.core.sparse.linear import (
     SemiStructuredPattern,
+    csr_conv1x1,
     csr_linear,
     semi_structured_linear,
     semi_structured_reason,
@@ -98,7 +100,7 @@ class _Layer:
     module_name: str
     module: nn.Module
     weight: Tensor
-    transposed: bool  # HF Conv1D: stored (in, out)
+    kind: str  # "linear", "hf_conv1d" (stored (in, out)), "conv1x1" (stored (out, in, 1, 1))
     mask: Tensor | None = None
     pattern: SparsePattern | None = None
     semi: SemiStructuredPattern | None = None
@@ -111,8 +113,8 @@ class _Layer:
     mode: TorchFunctionMode | None = None
 
     @property
-    def kind(self) -> str:
-        return "hf_conv1d" if self.transposed else "linear"
+    def transposed(self) -> bool:
+        return self.kind == "hf_conv1d"
 
     @property
     def density(self) -> float:
@@ -173,7 +175,7 @@ class SparseCompute:
                 self.refused[name] = reason
             else:
                 module_name, module = owner
-                self.layers[name] = _Layer(name, module_name, module, param, _is_hf_conv1d(module))
+                self.layers[name] = _Layer(name, module_name, module, param, _kind(module))
         if mode == "sparse" and self.refused:
             lines = "\n".join(f"  {n}: {why}" for n, why in self.refused.items())
             raise SparsityConfigError(
@@ -288,27 +290,27 @@ class SparseCompute:
         if layer.choice == "masked":
             return func(*args, **kwargs)
         if layer.rows is None:
-            layer.rows = math.prod(x.shape[:-1])
-        dense_grad = self.dense_grads
-        with torch.autocast(device, enabled=False):
-            if layer.choice == "2:4":
-                return semi_structured_linear(x, layer.weight, bias, layer.semi, dense_grad, dtype)
-            return csr_linear(x, layer.weight, bias, layer.pattern, dense_grad, dtype)
+            layer.rows = _rows(layer, x)
+        return _sparse_product(layer, layer.choice)(x, layer.weight, bias, self.dense_grads, dtype)
 
     def _decide(self, layer: _Layer, x: Tensor, bias: Tensor | None, autocast_dtype: torch.dtype | None) -> None:
-        rows = math.prod(x.shape[:-1])
         candidates = [k for k in ("csr", "2:4") if (layer.pattern if k == "csr" else layer.semi) is not None]
         w = layer.weight
         key = (
-            x.device.type, x.dtype, w.dtype, autocast_dtype, tuple(w.shape), layer.transposed, rows,
-            calibrate.density_bucket(layer.density), torch.get_num_threads(), x.requires_grad, bias is not None,
+            x.device.type, x.dtype, w.dtype, autocast_dtype, tuple(w.shape), layer.kind, tuple(x.shape), x.stride(),
+            x.requires_grad, bias is not None, calibrate.density_bucket(layer.density), torch.get_num_threads(),
             tuple(candidates),
         )  # fmt: skip
         if key not in self._cache:
-            self._cache[key] = calibrate.time_layer(
-                layer.mask, layer.transposed, rows, x.dtype, w.dtype, autocast_dtype, x.requires_grad, bias is not None, candidates
-            )
-        layer.timings, layer.rows = self._cache[key], rows
+            dtype = autocast_dtype or x.dtype
+            products = {"masked": _DENSE_PRODUCTS[layer.kind]}
+            for k in candidates:  # own patterns: the layer's gradient buffer is not touched
+                pattern = SparsePattern(layer.mask, layer.transposed) if k == "csr" else layer.semi
+                sparse = _sparse_product(layer, k)
+                products[k] = lambda x, w, b, sparse=sparse, pattern=pattern: sparse(x, w, b, False, dtype, pattern)
+            bias_features = None if bias is None else bias.numel()
+            self._cache[key] = calibrate.time_layer(products, layer.mask, x, w.dtype, bias_features, autocast_dtype)
+        layer.timings, layer.rows = self._cache[key], _rows(layer, x)
         layer.choice = min(layer.timings, key=layer.timings.get)
         layer.reason = "measured fastest"
 
@@ -318,6 +320,50 @@ class SparseCompute:
         if self.mode == "sparse":
             raise SparsityConfigError(f"compute='sparse': {layer.name} {why}; use compute='auto' or exclude it")
         layer.choice, layer.reason, layer.foreign = "masked", why, True
+
+
+_DENSE_PRODUCTS = {  # the masked path's product for each kind of layer, from the stored weight
+    "linear": lambda x, w, b: F.linear(x, w, b),
+    "hf_conv1d": lambda x, w, b: F.linear(x, w.t(), b),
+    "conv1x1": lambda x, w, b: F.conv2d(x, w, b),
+}
+
+
+def _sparse_product(layer: _Layer, kernel: str):
+    """``f(x, weight, bias, dense_grad, dtype, pattern=layer's)``: the layer's product on ``kernel``."""
+    if kernel == "2:4":
+        fn = semi_structured_linear
+    else:
+        fn = csr_conv1x1 if layer.kind == "conv1x1" else csr_linear
+
+    def product(x, weight, bias, dense_grad, dtype, pattern=None):
+        if pattern is None:
+            pattern = layer.semi if kernel == "2:4" else layer.pattern
+        return fn(x, weight, bias, pattern, dense_grad, dtype)
+
+    return product
+
+
+def _rows(layer: _Layer, x: Tensor) -> int:
+    """Rows of the layer's product: every input position (the channel dim of a convolution is not one)."""
+    return x.numel() // (x.shape[-3] if layer.kind == "conv1x1" else x.shape[-1])
+
+
+def _kind(module: nn.Module) -> str:
+    if _is_hf_conv1d(module):
+        return "hf_conv1d"
+    return "conv1x1" if isinstance(module, nn.Conv2d) else "linear"
+
+
+def _is_pointwise_conv(module: nn.Module) -> bool:
+    """A ``Conv2d`` that is a matmul over channels: 1x1 kernel, stride 1, no padding, one group."""
+    return (
+        type(module).forward is nn.Conv2d.forward
+        and tuple(module.kernel_size) == (1, 1)
+        and tuple(module.stride) == (1, 1)
+        and module.padding in ((0, 0), "valid", "same")
+        and module.groups == 1
+    )
 
 
 def _hook(compute: SparseCompute, layer: _Layer) -> None:
@@ -350,9 +396,25 @@ class _Intercept(TorchFunctionMode):
                 return self.compute._run(self.layer, func, args, kwargs, args[0], bias)
             if func is torch.addmm and len(args) == 3 and args[2] is weight and not kwargs and self.layer.transposed:
                 return self.compute._run(self.layer, func, args, kwargs, args[1], args[0])
+            if func is F.conv2d and len(args) >= 2 and args[1] is weight and self.layer.kind == "conv1x1" and not kwargs:
+                x = args[0]
+                bias = args[2] if len(args) > 2 else None
+                if x.dim() in (3, 4) and _pointwise_args(args[3:]):
+                    return self.compute._run(self.layer, func, args, kwargs, x, bias)
             if _touches(weight, args, kwargs) and not _is_query(func):
                 self.compute._foreign_use(self.layer, func)
         return func(*args, **kwargs)
+
+
+def _pointwise_args(rest: tuple) -> bool:
+    """``F.conv2d``'s stride, padding, dilation, groups (as ``nn.Conv2d`` passes them) describe a pointwise conv."""
+    defaults = ((1, 1), (0, 0), (1, 1), 1)
+    stride, padding, _dilation, groups = (*rest, *defaults[len(rest) :])
+
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    return pair(stride) == (1, 1) and (padding in ("valid", "same") or pair(padding) == (0, 0)) and groups == 1
 
 
 def _touches(weight: Tensor, args: tuple, kwargs: dict) -> bool:
@@ -425,12 +487,17 @@ def _refusal(name: str, param: Tensor, uses: list, model: nn.Module) -> tuple[st
         return "sharded (DTensor) parameter: the sparse kernels need the whole weight", None
     if ".parametrizations." in f".{name}." or module_name.endswith("parametrizations") or type(module).__name__ == "ParametrizationList":
         return "the layer's weight is computed by a parametrization", None
-    if isinstance(module, (nn.modules.conv._ConvNd,)):
-        return f"{type(module).__name__}: convolutions stay masked (sparse im2col measured slower than dense, docs/sparse_compute.md)", None
-    if attr != "weight" or not (isinstance(module, nn.Linear) or _is_hf_conv1d(module)):
-        return f"the {attr} of {type(module).__name__}: only nn.Linear (and subclasses) and Hugging Face Conv1D weights are taken", None
-    if param.dim() != 2 or not param.is_floating_point() or not param.is_contiguous():
-        return f"weight is {param.dim()}-D {param.dtype}{'' if param.is_contiguous() else ', not contiguous'}; needs a contiguous 2-D float", None
+    if isinstance(module, nn.modules.conv._ConvNd) and not _is_pointwise_conv(module):
+        return (
+            f"{type(module).__name__} with kernel {tuple(module.kernel_size)}, stride {tuple(module.stride)}, "
+            f"groups {module.groups}: only pointwise Conv2d (1x1, stride 1, no padding, one group) is taken; "
+            "other convolutions stay masked (im2col + CSR measured slower than dense, docs/sparse_compute.md)"
+        ), None
+    if attr != "weight" or not (isinstance(module, (nn.Linear, nn.Conv2d)) or _is_hf_conv1d(module)):
+        return f"the {attr} of {type(module).__name__}: only nn.Linear, Hugging Face Conv1D and 1x1 Conv2d weights are taken", None
+    if param.dim() != (4 if isinstance(module, nn.Conv2d) else 2) or not param.is_floating_point() or not param.is_contiguous():
+        shape = "4-D" if isinstance(module, nn.Conv2d) else "2-D"
+        return f"weight is {param.dim()}-D {param.dtype}{'' if param.is_contiguous() else ', not contiguous'}; needs a contiguous {shape} float", None
     if param.device.type not in ("cpu", "cuda"):
         return f"on {param.device}: sparse kernels run on cpu and cuda", None
     return None, (module_name, module)

@@ -13,6 +13,8 @@ flattened to ``(rows, in)`` (any leading dims),
   instead (for a drop-and-grow update that ranks pruned positions by gradient);
 * bias gradient: ``db = sum_r dY[r]``.
 
+:func:`csr_conv1x1` runs a 1x1 convolution as that product on the channels-last view of its input.
+
 The parameter, its ``.grad`` and the optimizer see dense tensors of the usual shapes. Where the
 device has no sparse kernel for the dtype (bf16/fp16 on the CPU: MKL's CSR product and torch's
 CPU ``sampled_addmm`` are fp32/fp64 only) the sparse products run in float32 on the kept values
@@ -23,6 +25,8 @@ and the results are cast back (:func:`kernel_dtype`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -55,8 +59,20 @@ def _sparse_ops_accept(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def _without_autocast(fn):
+    """Run an autograd function's forward or backward with autocast off: the kernels choose their dtypes."""
+
+    @functools.wraps(fn)
+    def wrapper(ctx, tensor, *args):
+        with torch.autocast(tensor.device.type, enabled=False):
+            return fn(ctx, tensor, *args)
+
+    return wrapper
+
+
 class _CsrLinear(torch.autograd.Function):
     @staticmethod
+    @_without_autocast
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool, dtype: torch.dtype):
         x2 = x.reshape(-1, pattern.in_features)
         kdt = kernel_dtype(x.device, dtype)
@@ -74,6 +90,7 @@ class _CsrLinear(torch.autograd.Function):
         return yt.t().to(dtype).reshape(*x.shape[:-1], pattern.out_features)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dy: Tensor):
         xk, values, weight = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
@@ -84,7 +101,7 @@ class _CsrLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if ctx.dense_grad:
                 full = dy2.t() @ xk
-                dw = (full.t() if pattern.transposed else full).to(weight.dtype).contiguous()
+                dw = (full.t() if pattern.transposed else full).to(weight.dtype).reshape(pattern.stored_shape).contiguous()
             else:
                 kept = torch.sparse.sampled_addmm(pattern.csr(values), dy2.t(), xk, beta=0.0).values()
                 dw = pattern.weight_grad(kept, weight)
@@ -96,11 +113,22 @@ class _CsrLinear(torch.autograd.Function):
 def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool = False, dtype: torch.dtype | None = None) -> Tensor:
     """``x @ M^T + bias`` with ``M`` the kept entries of ``weight`` (stored layout per ``pattern``).
 
-    ``dtype``: the dtype of the result (default ``x.dtype``; under autocast, the autocast dtype). The
+    ``dtype``: the dtype of the result (default ``x.dtype``; pass the autocast dtype under autocast, which
+    the kernels themselves run without). The
     gradient of ``weight`` is dense with exact zeros at pruned positions, or the full dense gradient
     with ``dense_grad=True``.
     """
     return _CsrLinear.apply(x, weight, bias, pattern, dense_grad, dtype or x.dtype)
+
+
+def csr_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+    """A 1x1 convolution (stride 1, no padding, one group) of ``x`` (``(N, C, H, W)`` or ``(C, H, W)``) as
+    :func:`csr_linear` on its channels-last view ``(N, H, W, C)`` (no copy when ``x`` is channels-last).
+    The result has ``x``'s memory format, as ``F.conv2d`` gives it."""
+    channels = x.dim() - 3
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else torch.contiguous_format
+    y = csr_linear(x.movedim(channels, -1), weight, bias, pattern, dense_grad, dtype).movedim(-1, channels)
+    return y.contiguous(memory_format=fmt) if y.dim() == 4 else y.contiguous()
 
 
 # ----------------------------------------------------------------------------- 2:4 (CUDA)
@@ -110,6 +138,8 @@ def semi_structured_reason(mask: Tensor, transposed: bool = False) -> str | None
     Needs CUDA with compute capability >= 8.0, ``torch.sparse.to_sparse_semi_structured``, and a mask
     keeping at most 2 of every 4 consecutive inputs of each output (the linear weight's rows).
     """
+    if mask.dim() != 2:
+        return "the 2:4 kernels here take linear layers only"
     if mask.device.type != "cuda":
         return f"2:4 kernels need CUDA (the weight is on {mask.device})"
     if not hasattr(torch.sparse, "to_sparse_semi_structured"):
@@ -148,6 +178,7 @@ class SemiStructuredPattern:
 
 class _SemiStructuredLinear(torch.autograd.Function):
     @staticmethod
+    @_without_autocast
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SemiStructuredPattern, dense_grad: bool, dtype: torch.dtype):
         x2 = x.reshape(-1, pattern.in_features).to(dtype)
         m = (weight.t() if pattern.transposed else weight).to(dtype) * pattern.linear_mask  # exact 2:4 even if W drifted
@@ -160,6 +191,7 @@ class _SemiStructuredLinear(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], pattern.out_features)
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, dy: Tensor):
         x2, weight = ctx.saved_tensors
         pattern: SemiStructuredPattern = ctx.pattern

@@ -1,7 +1,8 @@
 """The kept positions of one mask, in the layouts the sparse kernels read; built once per mask.
 
 A layer computes ``y = x @ M^T + b`` with ``M`` its *linear weight*, shape ``(out, in)``: the stored
-weight for ``nn.Linear``, its transpose for Hugging Face ``Conv1D`` (stored ``(in, out)``). For the
+weight for ``nn.Linear``, its transpose for Hugging Face ``Conv1D`` (stored ``(in, out)``), the
+``(out, in, 1, 1)`` weight of a 1x1 convolution read as ``(out, in)``. For the
 mask of ``M`` a :class:`SparsePattern` holds
 
 * ``crow, col``: the CSR structure of ``M`` (kept positions in row-major order, "CSR order");
@@ -13,7 +14,7 @@ mask of ``M`` a :class:`SparsePattern` holds
 
 CSR indices and ``perm`` are ``int32`` where they fit (MKL and cuSPARSE run faster on them, and they
 take half the memory), else ``int64``; ``flat`` is ``int64`` (``index_copy_`` takes no other). In all,
-16 bytes per kept weight with int32 (0.8 bytes per weight at 95 % sparsity), plus the gradient buffer.
+20 bytes per kept weight with int32 (1 byte per weight at 95 % sparsity), plus the gradient buffer.
 """
 
 from __future__ import annotations
@@ -40,16 +41,17 @@ def _silence_csr_beta_warning() -> None:
 class SparsePattern:
     """CSR structure of a mask (and of its transpose) plus the gather/scatter indices into the stored weight.
 
-    ``mask``: the bool mask of the stored weight; ``transposed``: the stored weight is ``M^T``
-    (``Conv1D``), so ``M``'s mask is ``mask.t()``. Nothing here depends on the weight's values.
+    ``mask``: the bool mask of the stored weight, ``(out, in)`` or a 1x1 convolution's ``(out, in, 1, 1)``;
+    ``transposed``: the stored weight is ``M^T`` (``Conv1D``), so ``M``'s mask is ``mask.t()``. Nothing
+    here depends on the weight's values.
     """
 
     def __init__(self, mask: Tensor, transposed: bool = False):
-        if mask.dim() != 2 or mask.dtype != torch.bool:
-            raise ValueError(f"a pattern needs a 2-D bool mask, got {tuple(mask.shape)} {mask.dtype}")
+        if mask.dtype != torch.bool or not (mask.dim() == 2 or (mask.dim() == 4 and mask.shape[2:] == (1, 1) and not transposed)):
+            raise ValueError(f"a pattern needs a bool mask of a 2-D or 1x1-convolution weight, got {tuple(mask.shape)} {mask.dtype}")
         _silence_csr_beta_warning()
         self.transposed = transposed
-        linear_mask = mask.t() if transposed else mask
+        linear_mask = mask.t() if transposed else mask.reshape(mask.shape[0], mask.shape[1])  # (out, in)
         self.out_features, self.in_features = linear_mask.shape
         self.stored_shape = tuple(mask.shape)
         rows, cols = linear_mask.nonzero(as_tuple=True)  # row-major: CSR order of M
