@@ -37,23 +37,25 @@ _KERNEL_DTYPES: dict[tuple[str, torch.dtype], torch.dtype] = {}
 
 
 def kernel_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the sparse products run in for ``dtype`` on ``device``: ``dtype`` itself where the
-    CSR product and ``sampled_addmm`` both accept it (probed once per device type and dtype on a 2x2
-    matrix), else float32."""
+    """The dtype the sparse products run in for ``dtype`` on ``device``: float32 and float64 as they are;
+    other dtypes as they are on CUDA where the CSR product and ``sampled_addmm`` both take them (probed
+    once per dtype on a 32x32 matrix), else float32 (always on the CPU: MKL's CSR product takes only
+    float and double; a tiny identity matrix takes another path that accepts bf16, so it proves nothing)."""
     key = (device.type, dtype)
     if key not in _KERNEL_DTYPES:
-        _KERNEL_DTYPES[key] = dtype if _sparse_ops_accept(device, dtype) else torch.float32
+        native = dtype in (torch.float32, torch.float64) or (device.type == "cuda" and _cuda_sparse_ops_accept(device, dtype))
+        _KERNEL_DTYPES[key] = dtype if native else torch.float32
     return _KERNEL_DTYPES[key]
 
 
-def _sparse_ops_accept(device: torch.device, dtype: torch.dtype) -> bool:
-    if dtype in (torch.float32, torch.float64):
-        return True
+def _cuda_sparse_ops_accept(device: torch.device, dtype: torch.dtype) -> bool:
     try:
-        eye = torch.eye(2, dtype=dtype, device=device).to_sparse_csr()
-        dense = torch.ones(2, 2, dtype=dtype, device=device)
-        torch.addmm(dense, eye, dense)
-        torch.sparse.sampled_addmm(eye, dense, dense, beta=0.0)
+        gen = torch.Generator(device).manual_seed(0)
+        mask = torch.rand(32, 32, generator=gen, device=device) < 0.25
+        csr = (torch.ones(32, 32, device=device) * mask).to(dtype).to_sparse_csr()
+        dense = torch.ones(32, 32, dtype=dtype, device=device)
+        torch.addmm(dense, csr, dense)
+        torch.sparse.sampled_addmm(csr, dense, dense, beta=0.0)
         return True
     except (RuntimeError, NotImplementedError):
         return False
