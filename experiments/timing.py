@@ -151,3 +151,92 @@ class ProfiledWork(L.Callback):
             if event.name in totals:
                 totals[event.name] += event.device_time_total if self.cuda else event.cpu_time_total
         return {name: us / 1000 / self.steps for name, us in totals.items()}
+
+
+# ----------------------------------------------------------------------------- plain-torch steps
+def paired_rounds(steps: dict, rounds: int, per_round: int, cuda: bool = False) -> dict[str, list[float]]:
+    """Times plain step functions in one process: every round runs each ``steps[name]()`` ``per_round`` times,
+    the order of the names rotating from round to round; returns, per name, its median step (seconds)
+    of each round, so that ratios can be taken per round (paired) and the slow drift of a shared machine
+    cancels."""
+    names = list(steps)
+    per_name: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times = []
+            for _ in range(per_round):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                steps[name]()
+                if cuda:
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            per_name[name].append(sorted(times)[len(times) // 2])
+    return per_name
+
+
+class LiveBytes:
+    """Peak bytes of tensor storage allocated while it is active (a ``TorchDispatchMode`` sees every op's outputs).
+
+    ``with LiveBytes(existing) as m: step()`` then ``m.peak``: the highest sum of live storage bytes created
+    inside the block. Storages of ``existing`` tensors (parameters, optimizer state, masks, inputs: what lives
+    before the step) are not counted when ops return them (in-place ops). Sparse CSR outputs count their
+    index and value tensors. For CPU memory, where torch keeps no allocator statistics.
+    """
+
+    def __init__(self, existing=()):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        outer._track(t)
+                return out
+
+        self._mode = _Mode()
+        self.seen = {t.untyped_storage().data_ptr() for t in existing if t is not None and t.layout == torch.strided}
+        self.live = self.peak = 0
+
+    def _track(self, t) -> None:
+        import weakref
+
+        if t.layout == torch.sparse_csr:
+            for part in (t.crow_indices(), t.col_indices(), t.values()):
+                self._track(part)
+            return
+        if t.layout != torch.strided or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if key in self.seen or nbytes == 0:
+            return
+        self.seen.add(key)
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, nbytes)
+
+    def _free(self, key, nbytes) -> None:
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and repeats counted once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None and t.layout == torch.strided:
+            s = t.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
