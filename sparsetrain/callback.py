@@ -66,6 +66,8 @@ class SparsityCallback(Callback):
         on_config_change: a resume from a checkpoint written with another configuration: ``error`` (default)
             fails at fit start naming every change; ``continue`` warns and trains on from its masks.
         finalize: a fit that ends below the method's final sparsity: ``warn`` (default), or ``prune`` to it.
+        compute: ``masked`` (default), ``sparse`` or ``auto``: run the target layers' forward and backward on sparse
+            kernels with the mask's pattern (docs/sparse_compute.md); parameters, optimizer and checkpoints unchanged.
 
     Two callbacks on one Trainer need disjoint targets (``include``/``exclude``); each callback's checkpoint key
     (``state_key``) is built from these. A second ``fit`` of the same model continues from the current masks;
@@ -90,11 +92,12 @@ class SparsityCallback(Callback):
         kernel: str = "auto",
         on_config_change: str = "error",
         finalize: str = "warn",
+        compute: str = "masked",
         **method_args,
     ):
         self.engine = SparsityEngine(
             method, include, exclude, dense_first, dense_last, seed, log_per_layer, reapply, kernel, on_config_change,
-            finalize, **method_args,
+            finalize, compute, **method_args,
         )  # fmt: skip
         self._checkpoint_state: dict | None = None  # from load_state_dict, until the fit or the evaluation starts
         self._fit_trainer: int | None = None
@@ -292,6 +295,7 @@ class SparsityCallback(Callback):
         self.engine.end_forwards()
         self.engine._swap = None
         self.engine.copies, self.engine.optimizers = [], []
+        self.engine.stop_sparse_compute()
 
     # -------------------------------------------------------------- reports
     def sparsity_report(self, model: nn.Module | None = None) -> SparsityReport:

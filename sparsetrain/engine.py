@@ -56,6 +56,7 @@ from sparsetrain.core.validation import check_choice, check_int
 from sparsetrain.methods import method_from_name
 from sparsetrain.methods.base import SparsityContext, SparsityMethod, methods_supporting
 
+COMPUTE = ("masked", "sparse", "auto")
 CONFIG_CHANGES = ("error", "continue")
 FINALIZE = ("warn", "prune")
 REAPPLY = ("auto", "always")
@@ -119,6 +120,10 @@ class SparsityEngine:
         kernel: ``auto``, ``eager`` or ``compiled``: how masks are multiplied (:mod:`sparsetrain.core.kernels`).
         on_config_change: ``error`` or ``continue``: a loaded state written with another configuration.
         finalize: ``warn`` or ``prune``: training that ends below the method's final sparsity.
+        compute: ``masked`` (dense kernels on weights with zeros: the default), ``sparse`` (every target layer
+            that can runs its forward and backward on sparse kernels with the mask's pattern; the others are
+            named at the start) or ``auto`` (only the layers measured faster that way, timed at their first
+            forward). See :mod:`sparsetrain.core.sparse` and docs/sparse_compute.md.
     """
 
     def __init__(
@@ -134,9 +139,16 @@ class SparsityEngine:
         kernel: str = "auto",
         on_config_change: str = "error",
         finalize: str = "warn",
+        compute: str = "masked",
         **method_args,
     ):
         self.method = build_method(method, method_args)
+        self.compute = check_choice(compute, "compute", COMPUTE)
+        if self.compute != "masked" and "soft_masks" in self.method.supports:
+            raise SparsityConfigError(
+                f"compute={compute!r} runs hard masks on sparse kernels; {type(self.method).__name__} computes with sampled "
+                "or straight-through weights until its masks turn hard: use compute='masked' with it"
+            )
         self.selection = TargetSelection(include, exclude, dense_first, dense_last)
         self.seed = None if seed is None else check_int(seed, "seed", meaning="seed of the mask generator, or None")
         self.log_per_layer = log_per_layer
@@ -156,6 +168,9 @@ class SparsityEngine:
         self.layouts: dict[str, Layout] | None = None  # how each target enters its layer (core/layouts.py)
         self.optimizers: list[torch.optim.Optimizer] = []
         self.copies: list[nn.Module] = []  # weight copies others keep (EMA/SWA averages): masked with the model
+        self.sparse = None  # compute="sparse"|"auto": the SparseCompute running the target layers (core/sparse)
+        self._model = None  # the model, from setup until the sparse kernels are attached to it
+        self._sparse_table_logged = False
         self.metrics: list[tuple[int, dict[str, float]]] = []  # (step, metrics) for the loop's loggers
         self.on_metrics: Callable[[int, dict[str, float]], None] | None = None  # instead of the queue
         self.handles: list = []  # hooks a loop registered (sparsetrain.attach), removed by detach()
@@ -196,6 +211,8 @@ class SparsityEngine:
         self._final = False
         self._grads, self._stepped = {}, {}
         self._reapply_every_step = self.reapply == "always" or not all(keeps_masked_weights_zero(o) for o in self.optimizers)
+        self.stop_sparse_compute()
+        self._model = model if self.compute != "masked" else None
 
     def add_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer that trains targets and was not known at :meth:`setup` (found at its first step)."""
@@ -254,6 +271,7 @@ class SparsityEngine:
         for copy in self.copies:
             self.mask_copy(copy)
         self._check_ranks_agree()
+        self._start_sparse_compute()
         self._queue_metrics(self.step)
         log.info("%s on %d targets (%s weights)", self.method, len(self.targets), f"{self.report().numel:,}")
 
@@ -327,7 +345,9 @@ class SparsityEngine:
         if self.masks is None or self.stochastic():
             return
         names = self.targets if names is None else names
-        self.kernel([local(self.targets[n].grad) for n in names], [self.masks[n] for n in names])
+        if self.sparse is not None:  # the sparse kernels write exact zeros at pruned positions themselves
+            names = set(names) & set(self.sparse.grads_to_mask())
+        self.kernel([local(self.targets[n].grad) for n in self.targets if n in names], [self.masks[n] for n in self.targets if n in names])
 
     def advance(self, step: int) -> None:
         """The optimizer steps up to ``step`` are done: re-apply the masks if an optimizer may have moved a zero,
@@ -351,6 +371,10 @@ class SparsityEngine:
                 self._queue_metrics(t)
         self.step = step
         self._grads, self._stepped = {}, {}
+        self._sparse_grads_for_next_step()
+        if self.sparse is not None and not self._sparse_table_logged:  # auto decides at the first forward
+            self._sparse_table_logged = True
+            self.inform(f"sparsetrain (compute={self.compute!r}): the kernels of the target layers\n{self.sparse_compute_table()}")
 
     @torch.no_grad()
     def _update(self, step: int, grads: dict[str, Tensor] | None, stepped) -> None:
@@ -395,6 +419,10 @@ class SparsityEngine:
         for copy in self.copies:
             self.mask_copy(copy)
         self._check_ranks_agree()
+        if self.sparse is not None:
+            self.sparse.update_masks(self.masks)
+        else:
+            self._start_sparse_compute()
 
     @torch.no_grad()
     def apply_masks(self) -> None:
@@ -413,6 +441,45 @@ class SparsityEngine:
         found = sum(int((t.ne(0) & ~m).sum()) for t, m in pairs)
         self.kernel([t for t, _ in pairs], [m for _, m in pairs])
         return found
+
+    # ----------------------------------------------------------- sparse compute
+    def _start_sparse_compute(self) -> None:
+        """``compute="sparse"|"auto"``: once there are hard masks, run the target layers on sparse kernels."""
+        if self._model is None or self.masks is None or self.stochastic():
+            return
+        from sparsetrain.core.sparse import SparseCompute
+
+        self.sparse = SparseCompute(self._model, self.targets, self.masks, self.compute)
+        self._model, self._sparse_table_logged = None, False
+        self._sparse_grads_for_next_step()
+        refused = self.sparse.refused
+        self.inform(
+            f"sparsetrain (compute={self.compute!r}): {len(self.sparse.layers)} of {len(self.targets)} targets may run on sparse "
+            f"kernels{'; masked: ' + '; '.join(f'{n} ({why})' for n, why in refused.items()) if refused else ''}"
+        )
+
+    def _sparse_grads_for_next_step(self) -> None:
+        """The backward before an update that ranks pruned positions by gradient (RigL, GraNet) gives dense
+        gradients: set before the forwards of the next optimizer steps (one per optimizer: a batch of a GAN makes
+        one step per optimizer)."""
+        if self.sparse is not None:
+            ahead = range(self.step + 1, self.step + 1 + max(1, len(self.optimizers)))
+            self.sparse.dense_weight_grads(any(self.method.needs_grads(t) for t in ahead))
+
+    def sparse_compute_table(self) -> str:
+        """What runs each target layer (``compute="sparse"|"auto"``): a plain-text table, one row per target."""
+        rows = [] if self.sparse is None else self.sparse.table()
+        if not rows:
+            return ""
+        columns = [c for c in rows[0] if any(c in r for r in rows)] + sorted({c for r in rows for c in r} - set(rows[0]))
+        lines = ["  ".join(columns)] + ["  ".join(str(r.get(c, "")) for c in columns) for r in rows]
+        return "\n".join(lines)
+
+    def stop_sparse_compute(self) -> None:
+        """Back to dense kernels on the masked weights (hooks removed, patterns freed)."""
+        if self.sparse is not None:
+            self.sparse.detach()
+            self.sparse = None
 
     # ------------------------------------------------ forward-time weights
     def begin_training_forwards(self, model: nn.Module, key: tuple[int, int]) -> None:
@@ -532,8 +599,9 @@ class SparsityEngine:
         self.detach_hooks()
 
     def detach_hooks(self) -> None:
-        """Remove the hooks a loop registered, and let go of the optimizers."""
+        """Remove the hooks a loop registered (the sparse kernels' too), and let go of the optimizers."""
         self.end_forwards()
+        self.stop_sparse_compute()
         for handle in self.handles:
             handle.remove()
         self.handles, self.optimizers = [], []
@@ -710,7 +778,7 @@ class SparsityEngine:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["generator"] = bytes(self.generator.get_state().numpy())
-        state.update(_swap=None, _hooks=[], copies=[], handles=[], on_metrics=None, inform=_info)  # the model, the loop
+        state.update(_swap=None, _hooks=[], copies=[], handles=[], on_metrics=None, inform=_info, sparse=None, _model=None)
         return state
 
     def __setstate__(self, state: dict) -> None:

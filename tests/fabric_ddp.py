@@ -21,6 +21,8 @@ from tests.helpers import TinyNet, random_loader  # noqa: E402
 METHODS = {
     "rigl": dict(method="rigl", sparsity=0.8, every=2, end=14, distribution="uniform"),
     "gmp": dict(method="gmp", sparsity=0.8, start=1, end=10, every=3, distribution="global"),
+    # the linear layers on sparse kernels (the convolution is not a target: compute="sparse" cannot take it)
+    "rigl_sparse": dict(method="rigl", sparsity=0.8, every=2, end=14, distribution="uniform", compute="sparse", exclude="conv.weight"),
 }
 
 if __name__ == "__main__":

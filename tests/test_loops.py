@@ -170,7 +170,7 @@ def test_the_library_imports_and_trains_without_lightning():
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("method", ["rigl", pytest.param("gmp", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", ["rigl", pytest.param("gmp", marks=pytest.mark.slow), pytest.param("rigl_sparse", marks=pytest.mark.slow)])
 def test_fabric_ddp_on_two_processes_keeps_identical_masks_on_every_rank(tmp_path, method):
     script = Path(__file__).with_name("fabric_ddp.py")
     result = subprocess.run([sys.executable, str(script), str(tmp_path), method], capture_output=True, text=True, timeout=300)
