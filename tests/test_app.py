@@ -361,6 +361,7 @@ CALLBACK_NODE = {
     "dense_last": False,
     "seed": 0,
     "log_per_layer": True,
+    "compute": "masked",
 }
 # a few method keys of each sparsity option, as each file held them before the shared _callback.yaml
 METHOD_KEYS = {
