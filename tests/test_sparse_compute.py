@@ -420,3 +420,23 @@ def test_semi_structured_linear_on_cuda():
     assert torch.allclose(y.float(), ref_y.float(), rtol=2e-2, atol=2e-2)
     assert torch.allclose(gx.float(), rx.float(), rtol=5e-2, atol=5e-2)
     assert torch.allclose(gw, rw * mask, rtol=5e-2, atol=5e-2) and torch.all(gw[~mask] == 0)
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (2, 3, 10), (1, 10)], ids=["rows", "leading_dims", "one_row"])
+def test_an_in_place_op_after_a_sparse_layer_works(shape):
+    """nn.ReLU(inplace=True) after the layer (LeNet, VGG, ResNet heads): the kernel's output is not a view."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 12), nn.ReLU(inplace=True), nn.Linear(12, 4))
+    targets = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
+    masks = {n: torch.rand(p.shape) < 0.3 for n, p in targets.items()}
+    with torch.no_grad():
+        for n, p in targets.items():
+            p.mul_(masks[n])
+    reference = copy.deepcopy(model)
+    compute = SparseCompute(model, targets, masks, "sparse")
+    x = torch.randn(shape)
+    model(x).sum().backward()
+    reference(x).sum().backward()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad * masks[n] if n in masks else q.grad, msg=n)
+    compute.detach()

@@ -72,6 +72,12 @@ def _without_autocast(fn):
     return wrapper
 
 
+def _not_a_view(y: Tensor) -> Tensor:
+    """The output of an autograd Function must not be a view: an in-place op on it (``nn.ReLU(inplace=True)``
+    after the layer) is refused by autograd. A view is copied, row-major."""
+    return y.clone(memory_format=torch.contiguous_format) if y._is_view() else y
+
+
 class _CsrLinear(torch.autograd.Function):
     @staticmethod
     @_without_autocast
@@ -89,7 +95,7 @@ class _CsrLinear(torch.autograd.Function):
         ctx.pattern, ctx.dense_grad, ctx.x_shape, ctx.x_dtype = pattern, dense_grad, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return yt.t().to(dtype).reshape(*x.shape[:-1], pattern.out_features)
+        return _not_a_view(yt.t().to(dtype).reshape(*x.shape[:-1], pattern.out_features))
 
     @staticmethod
     @_without_autocast
@@ -190,7 +196,7 @@ class _SemiStructuredLinear(torch.autograd.Function):
         ctx.m_for_dx, ctx.pattern, ctx.dense_grad = m_for_dx, pattern, dense_grad
         ctx.x_shape, ctx.x_dtype, ctx.has_bias = x.shape, x.dtype, bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.reshape(*x.shape[:-1], pattern.out_features)
+        return _not_a_view(y if x.dim() == 2 else y.reshape(*x.shape[:-1], pattern.out_features))
 
     @staticmethod
     @_without_autocast
