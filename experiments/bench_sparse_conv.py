@@ -7,8 +7,10 @@ forward plus backward (input and weight gradients) of:
 * ``im2col``: ``F.unfold`` the input to ``(rows, C*k*k)``, :func:`sparsetrain.core.sparse.csr_linear` with the
   ``(out, C*k*k)`` weight and its mask pattern, back to ``NCHW``; the input gradient goes back through
   ``F.fold`` (autograd of ``unfold``);
-* ``channels_last`` (1x1 convolutions only): the ``NHWC`` input viewed as ``(rows, C)``, ``csr_linear``, the
-  result viewed back as an ``NCHW`` tensor in channels-last memory: no copy at all.
+* ``channels_last`` (1x1 convolutions only): what ``SparseCompute`` runs for a pointwise ``Conv2d``
+  (:func:`sparsetrain.core.sparse.linear.csr_conv1x1`): the channels-last input viewed as ``(rows, C)``
+  without a copy, ``csr_linear``, the result made channels-last like ``F.conv2d``'s; against ``F.conv2d``
+  on the same channels-last tensors.
 
 Median of ``--repeats`` paired, alternating runs; ``speed-up`` is dense / sparse. Random masks at each
 sparsity; float32.
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 
 from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.sparse import SparsePattern, csr_linear
+from sparsetrain.core.sparse.linear import csr_conv1x1
 
 RESULTS = Path(__file__).parent / "results"
 # (label, batch, in channels, out channels, kernel, spatial size)
@@ -92,10 +95,11 @@ def bench(label, batch, c_in, c_out, k, size, sparsity, repeats) -> list[dict]:
             gx, gw = torch.autograd.grad(F.conv2d(x_cl, weight, padding=0), [x_cl, weight], dy_cl)
             MASK_KERNEL([gw], mask_bytes)
 
+        pattern4 = SparsePattern(mask)  # the (out, in, 1, 1) weight itself, as SparseCompute runs it
+
         def channels_last():
-            rows = x_cl.permute(0, 2, 3, 1)  # NHWC, contiguous
-            y = csr_linear(rows, w2, None, pattern).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
-            torch.autograd.grad(y, [x_cl, w2], dy_cl)
+            y = csr_conv1x1(x_cl, weight, None, pattern4)  # csr_linear on the NHWC view, result channels-last
+            torch.autograd.grad(y, [x_cl, weight], dy_cl)
 
         runs.update(dense_channels_last=dense_cl, channels_last=channels_last)
     times = {}
