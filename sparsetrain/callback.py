@@ -21,6 +21,7 @@ from sparsetrain.core.kernels import MaskKernel
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.shards import Shards, local, pack_rows, total_counts, unpack_rows
+from sparsetrain.core.starved import starved_layers, starved_message
 from sparsetrain.sharded_checkpoint import MASK_PREFIX
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
 from sparsetrain.core.targets import select_targets
@@ -444,6 +445,11 @@ class SparsityCallback(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._restore()
         self._remove_hooks()
+        if self.masks is not None and self.targets:  # counted from the weights: also global thresholds (GMP, GraNet)
+            kept = {n: layer.numel - layer.zeros for n, layer in self.sparsity_report().layers.items()}
+            starved = starved_layers(kept, self._shapes())
+            if starved:
+                rank_zero_warn(starved_message(starved, "SparsityCallback: at the end of fit"))
         report = self._short_of_target()
         if report is not None and self.finalize == "prune":
             new = self.method.final_masks(self._context())

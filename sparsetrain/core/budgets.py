@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.nm import NMStructure
+from sparsetrain.core.starved import starved_layers, starved_message
 from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
@@ -272,6 +273,7 @@ class Budget:
         """Raise now if any of ``sparsities`` cannot be met on targets of these shapes.
 
         With a structure, warn once about the layers that cannot hold it (or raise for ``indivisible="error"``).
+        Warn about layers whose count leaves units without any weight (:mod:`sparsetrain.core.starved`).
         """
         nm = self.nm
         if nm is not None:
@@ -294,7 +296,9 @@ class Budget:
             if self.distribution == "global":
                 global_counts(shapes, sparsity, self.overrides, self.overrides_mode)
             else:
-                self.counts(shapes, sparsity)
+                starved = starved_layers(self.counts(shapes, sparsity), shapes)
+                if starved:
+                    warnings.warn(starved_message(starved, f"distribution={self.distribution!r} at sparsity {sparsity:g}:"), stacklevel=2)
 
     def masks(self, scores, sparsity: float, shards=None):
         """Keep the highest ``scores`` under this budget (see :func:`sparsetrain.core.masks.budget_masks`).
