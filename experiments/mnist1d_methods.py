@@ -120,7 +120,8 @@ def run(settings: str, model: str, method: str, sparsity: float, seed: int, fold
         extra: tuple[str, ...] = ()) -> dict:
     """One ``sparsetrain-train`` run (or its summary, when ``folder`` has one): a row of the csv."""
     summary_file = folder / "summary.json"
-    if not summary_file.is_file():
+    trained = not summary_file.is_file()
+    if trained:
         import torch
         from hydra import compose, initialize_config_dir
 
@@ -148,6 +149,7 @@ def run(settings: str, model: str, method: str, sparsity: float, seed: int, fold
         "layer_kept": " ".join(str(layer["numel"] - layer["zeros"]) for layer in summary["layers"].values()),
         "steps": summary["steps"],
         "seconds": summary["wall_time_s"],
+        "trained": trained,
     }
 
 
@@ -263,7 +265,7 @@ def main(argv=None) -> None:
     started, rows = time.perf_counter(), []
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / f"{args.name}.csv", "w", newline="") as f, ProcessPoolExecutor(args.jobs) as pool:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
         writer.writeheader()
         for row in pool.map(run, *zip(*jobs)):
             rows.append(row)
@@ -278,14 +280,20 @@ def main(argv=None) -> None:
         lines += [f"## {model}", "", *accuracy_table(rows, model, args.methods), "",
                   "Difference to static (ERK), same seed, percentage points: mean (seeds better/worse)", "",
                   *difference_table(rows, model, args.methods), "",
+                  *(["RigL minus SET, same seed: mean (seeds better/worse)", "",
+                     *difference_table(rows, model, ["rigl"], reference="set"), ""]
+                    if {"rigl", "set"} <= set(args.methods) else []),
                   "Weights kept per layer (" + ", ".join(f"`{n}`" for n in LAYERS[model]) + "; mean over seeds, counted "
                   "from the weights); (!): so few that at least a tenth of the layer's output or input units have no "
                   "weight whatever the mask, and the library warns", "", *kept_table(rows, model, args.methods), ""]  # fmt: skip
         if args.settings == "recommended":
             plot(runs, model, methods, args.out / f"{args.name}_{model}.png")
             lines += [f"![{model}]({args.name}_{model}.png)", ""]
-    lines += [f"{len(rows)} runs, {minutes[0]:.1f} min of training summed over runs, {minutes[1]:.1f} min wall time "
-              f"with {args.jobs} jobs.", "", "```bash", command.strip(), "```", ""]  # fmt: skip
+    trained = sum(r["trained"] for r in rows)
+    lines += [f"{len(rows)} runs, {minutes[0]:.1f} min of training summed over runs; this invocation trained {trained} "
+              f"of them in {minutes[1]:.1f} min wall time with {args.jobs} jobs on 2 CPU cores"
+              + (" (the others were read back from their run folders)." if trained < len(rows) else "."),
+              "", "```bash", command.strip(), "```", ""]  # fmt: skip
     (args.out / f"{args.name}.md").write_text("\n".join(lines))
     print((args.out / f"{args.name}.md").read_text())
 
