@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     from sparsetrain.plot import accuracy_vs_density
 
     accuracy_vs_density(rows, args.out / "lth_mnist1d.png",
-                        title="MNIST-1D MLP: IMP (layer-wise, rewind to init), mean ± std over seeds")
+                        title="MNIST-1D MLP: layer-wise IMP, rewind to init (mean ± std over seeds)")
     print((args.out / "lth_mnist1d.md").read_text())
 
 
