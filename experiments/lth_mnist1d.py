@@ -112,12 +112,14 @@ def markdown(rows: list[dict], args, minutes: tuple[float, float]) -> str:
     lines = [
         "# Lottery tickets on MNIST-1D: tickets vs reinit vs random masks",
         "",
-        "The 40-500-500-10 residual MLP of the MNIST-1D paper's lottery-ticket notebook, `experiment=lth_mlp_mnist1d`: "
-        "layer-wise IMP with p = 0.2 per level, rewinding to initialisation, Adam lr 2e-2, batch 100, 1,500 steps per "
-        f"level, all 4,000 training signals. Test accuracy (%) of the final weights on the 1,000 test signals, mean ± std "
-        f"over seeds {', '.join(map(str, args.seeds))}. Controls: `reinit` trains each level's masks from a fresh init "
-        "(seed + 10000), `random_mask` draws random masks with the same per-layer counts and trains them from the "
-        "tickets' init.",
+        (
+            "The 40-500-500-10 residual MLP of the MNIST-1D paper's lottery-ticket notebook, `experiment=lth_mlp_mnist1d`: "
+            "layer-wise IMP with p = 0.2 per level, rewinding to initialisation, Adam lr 2e-2, batch 100, 1,500 steps per "
+            "level, all 4,000 training signals. Test accuracy (%) of the final weights on the 1,000 test signals, mean ± "
+            f"std over seeds {', '.join(map(str, args.seeds))}. Controls: `reinit` trains each level's masks from a fresh "
+            "init (seed + 10000), `random_mask` draws random masks with the same per-layer counts and trains them from "
+            "the tickets' init."
+        ),
         "",
         "| level | sparsity | tickets | reinit | random masks |",
         "|---:|---:|---:|---:|---:|",
@@ -125,8 +127,8 @@ def markdown(rows: list[dict], args, minutes: tuple[float, float]) -> str:
     for level in sorted(density):
         cells = [_ms(table[(run, level)]) if (run, level) in table else "" for run in RUNS]
         lines.append(f"| {level} | {100 * (1 - density[level]):.1f} % | " + " | ".join(cells) + " |")
-    lines += ["", "Next to the published figures (the notebook's two trials, final accuracy; its masks prune the "
-              "biases too, its levels step the sparsity linearly by 1 %): our level closest to each published sparsity.",
+    lines += ["", ("Next to the published figures (the notebook's two trials, final accuracy; its masks prune the "
+                   "biases too, its levels step the sparsity linearly by 1 %): our level closest to each published sparsity."),
               "", "| sparsity: published / ours | published tickets | ours | published random masks | ours |",
               "|---|---:|---:|---:|---:|"]  # fmt: skip
     for sparsity, (tickets, random_masks) in PUBLISHED.items():
@@ -135,10 +137,10 @@ def markdown(rows: list[dict], args, minutes: tuple[float, float]) -> str:
         lines.append(f"| {100 * sparsity:g} % / {100 * (1 - density[level]):.1f} % | {statistics.mean(tickets):.1f} "
                      f"({tickets[0]}, {tickets[1]}) | {_ms(table[('weight', level)])} | {statistics.mean(random_masks):.1f} "
                      f"({random_masks[0]}, {random_masks[1]}) | {ours_random} |")  # fmt: skip
-    lines += ["", f"![accuracy vs density](lth_mnist1d.png)", "",
-              f"Made by `{' '.join(['python experiments/lth_mnist1d.py', *sys.argv[1:]])}` on 2 shared CPU cores: "
-              f"{minutes[0]:.1f} min of training summed over all levels ({minutes[1]:.1f} min for this invocation; "
-              "finished levels are read back, not retrained).", ""]  # fmt: skip
+    lines += ["", "![accuracy vs density](lth_mnist1d.png)", "",
+              (f"Made by `{' '.join(['python experiments/lth_mnist1d.py', *sys.argv[1:]])}` on 2 shared CPU cores: "
+               f"{minutes[0]:.1f} min of training summed over all levels ({minutes[1]:.1f} min for this invocation; "
+               "finished levels are read back, not retrained)."), ""]  # fmt: skip
     return "\n".join(lines)
 
 

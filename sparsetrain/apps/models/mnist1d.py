@@ -13,7 +13,7 @@ from torch import nn
 class MNIST1DMLP(nn.Module):
     """``fc1: in -> hidden``, ReLU; a residual hidden layer ``h + ReLU(fc2(h))``; ``fc3: hidden -> classes``.
 
-    ``hidden=500`` is the lottery-ticket notebook's MLP (40-500-500-10, 275,510 weights); the paper's
+    ``hidden=500`` is the lottery-ticket notebook's MLP (40-500-500-10: 275,000 weights, 276,010 parameters); the paper's
     benchmark MLP (``MLPBase``) is the same with ``hidden=100``.
     """
 
