@@ -13,8 +13,8 @@ from torch import nn
 class MNIST1DMLP(nn.Module):
     """``fc1: in -> hidden``, ReLU; a residual hidden layer ``h + ReLU(fc2(h))``; ``fc3: hidden -> classes``.
 
-    ``hidden=500`` is the lottery-ticket notebook's MLP (40-500-500-10: 275,000 weights, 276,010 parameters); the paper's
-    benchmark MLP (``MLPBase``) is the same with ``hidden=100``.
+    ``hidden=500`` is the lottery-ticket notebook's MLP (40-500-500-10: 275,000 weights, 276,010
+    parameters); the paper's benchmark MLP (``MLPBase``) is the same with ``hidden=100``.
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, img_size: int = 40, hidden: int = 500):
