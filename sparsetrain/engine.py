@@ -50,6 +50,7 @@ from sparsetrain.core.layouts import Layout, target_layouts
 from sparsetrain.core.masks import Masks, keeps_masked_weights_zero, reset_optimizer_state_
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.core.shards import Shards, local, total_counts
+from sparsetrain.core.starved import starved_layers, starved_message
 from sparsetrain.core.stochastic import ParameterSwap, StochasticKernel, derive_seed, straight_through_masked
 from sparsetrain.core.targets import TargetSelection, clean_name
 from sparsetrain.core.validation import check_choice, check_int
@@ -563,8 +564,14 @@ class SparsityEngine:
 
     # ------------------------------------------------------------------- end
     def finish(self) -> None:
-        """The end of training: below the method's final sparsity, prune to it (``finalize="prune"``) or warn."""
+        """The end of training: below the method's final sparsity, prune to it (``finalize="prune"``) or warn; and
+        warn when a layer keeps fewer weights than units to connect (:mod:`sparsetrain.core.starved`)."""
         self.end_forwards()
+        if self.masks is not None and self.targets:  # counted from the weights: global thresholds (GMP, GraNet) too
+            kept = {n: layer.numel - layer.zeros for n, layer in self.report().layers.items()}
+            starved = starved_layers(kept, self.shapes)
+            if starved:
+                _warn(starved_message(starved, "sparsetrain: at the end of training"))
         report = self._short_of_target()
         if report is not None and self.finalize == "prune":
             new = self.method.final_masks(self.context())

@@ -15,7 +15,7 @@ from torch import nn
 
 import sparsetrain
 from tests.helpers import TinyNet, random_loader
-from tests.loops import EPOCHS, LOOPS, STEPS, plain_run
+from tests.loops import EPOCHS, LOOPS, STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 # int steps: every loop resolves the same schedule (16 optimizer steps)

@@ -248,7 +248,7 @@ def test_lottery_experiments_compose(experiment):
         cfg = compose("lottery", overrides=[f"experiment={experiment}"])
     lot = lottery_from_config(cfg)
     assert lot.params["prune_fraction"] == 0.2 and lot.levels >= 10 and cfg.lottery.name == experiment
-    assert cfg.lottery.dir == f"outputs/lottery/{experiment}/weight_p0.2_global_rw{cfg.lottery.rewind}_seed0"
+    assert cfg.lottery.dir == f"outputs/lottery/{experiment}/weight_p0.2_{cfg.lottery.pruning}_rw{cfg.lottery.rewind}_seed0"
 
 
 # ------------------------------------------------------------------------ the app's output

@@ -130,7 +130,7 @@ def test_a_layer_that_cannot_run_sparse_is_named_at_fit_start():
 
 def test_soft_masks_with_sparse_kernels_are_refused_at_construction():
     for method in ("srste", "annealing"):
-        with pytest.raises(SparsityConfigError, match=rf"compute='sparse' runs hard masks on sparse kernels; .* use compute='masked'"):
+        with pytest.raises(SparsityConfigError, match=r"compute='sparse' runs hard masks on sparse kernels; .* use compute='masked'"):
             SparsityCallback(method, sparsity=0.5, compute="sparse")
     with pytest.raises(SparsityConfigError, match="compute='fast' is unknown; allowed: masked, sparse, auto"):
         SparsityCallback("static", sparsity=0.5, compute="fast")

@@ -1,5 +1,5 @@
-"""LightningDataModules for image classification: digits (bundled, the default), MNIST,
-Fashion-MNIST, CIFAR-10/100, any image folder, and synthetic tensors.
+"""LightningDataModules for classification: digits (bundled, the default), MNIST-1D (generated
+locally), MNIST, Fashion-MNIST, CIFAR-10/100, any image folder, and synthetic tensors.
 
 Every module exposes ``num_classes``, ``in_chans`` and ``img_size`` before ``setup`` so the
 model can be built from them. The training order never depends on the global RNG: with
@@ -10,12 +10,18 @@ sees the same batches as an uninterrupted one; with ``shuffle=False`` the order 
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
+import random
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset, TensorDataset
+
+log = logging.getLogger(__name__)
 
 
 class EpochSeededSampler(RandomSampler):
@@ -123,6 +129,125 @@ class DigitsDataModule(ClassificationData):
         mean, std = images[train].mean(), images[train].std()
         images = (images - mean) / std
         self.train_set, self.val_set, self.test_set = (TensorDataset(images[i], labels[i]) for i in (train, val, test))
+
+
+class MNIST1DDataModule(ClassificationData):
+    """MNIST-1D (Greydanus & Kobak, ICML 2024; ``pip install mnist1d``): 1-D signals of length 40
+    made from ten digit-like templates by random padding, scaling, translation, correlated and iid
+    noise and shear. 4,000 training and 1,000 test signals, 10 classes; batches are ``(B, 1, 40)``.
+
+    The package generates the data locally (no download) with its default arguments
+    (``mnist1d.data.get_dataset_args()``, seed 42), which reproduce the paper's frozen dataset;
+    ``dataset_args`` overrides some of them (e.g. ``{"shuffle_seq": True}``). The generated arrays are
+    cached in ``<root>/mnist1d/`` as an ``.npz`` named by a hash of the arguments, next to a ``.json``
+    with the arguments and the file's SHA-256: a later run loads the file after checking the
+    checksum and regenerates it (with a warning) when the check fails. The generator reseeds
+    Python's and NumPy's global RNGs; their states are restored afterwards, so a run is the same
+    whether the cache existed or not.
+
+    ``val_size`` training signals (drawn with ``split_seed``) are held out for validation; the test
+    set is the package's, untouched. ``val_size=0`` trains on all 4,000 and validates on the test set.
+    The package already centres the signals and scales them to unit standard deviation. Batches of
+    100 by default, the paper's.
+    """
+
+    num_classes, in_chans, img_size = 10, 1, 40
+
+    def __init__(
+        self,
+        root: str = "data",
+        val_size: int = 500,
+        split_seed: int = 0,
+        dataset_args: dict | None = None,
+        batch_size: int = 100,
+        **loader_args,
+    ):
+        super().__init__(batch_size=batch_size, **loader_args)
+        self.root, self.val_size, self.split_seed = Path(root), val_size, split_seed
+        self.dataset_args = dict(dataset_args or {})
+        self.img_size = int(self.dataset_args.get("final_seq_length", self.img_size))
+
+    def _args(self) -> dict:
+        from mnist1d.data import get_dataset_args
+
+        args = get_dataset_args(as_dict=True)
+        args.pop("url", None)  # where the package would download a frozen copy from: not a property of the data
+        unknown = sorted(set(self.dataset_args) - set(args))
+        if unknown:
+            raise ValueError(
+                f"data.dataset_args has unknown keys {unknown}; the mnist1d generator takes: {', '.join(sorted(args))}"
+            )
+        args.update(self.dataset_args)
+        return args
+
+    def cache_files(self) -> tuple[Path, Path]:
+        """``(arrays .npz, checksum .json)`` of this module's dataset arguments."""
+        key = hashlib.sha256(json.dumps(self._args(), sort_keys=True).encode()).hexdigest()[:12]
+        folder = self.root / "mnist1d"
+        return folder / f"mnist1d_{key}.npz", folder / f"mnist1d_{key}.json"
+
+    def prepare_data(self) -> None:
+        self._arrays()
+
+    def _arrays(self) -> dict:
+        """The four arrays ``x, y, x_test, y_test``: from the cache when its checksum holds, else generated."""
+        import numpy as np
+
+        arrays_file, meta_file = self.cache_files()
+        if arrays_file.is_file() and meta_file.is_file():
+            expected = json.loads(meta_file.read_text()).get("sha256")
+            if _sha256(arrays_file) == expected:
+                with np.load(arrays_file) as cached:
+                    return {k: cached[k] for k in ("x", "y", "x_test", "y_test")}
+            log.warning("%s does not match the checksum in %s; generating MNIST-1D again", arrays_file, meta_file)
+        args = self._args()
+        arrays = _generate_mnist1d(args)
+        arrays_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = arrays_file.with_suffix(".partial.npz")
+        np.savez(partial, **arrays)
+        partial.replace(arrays_file)  # whole files only, also when two runs generate at once
+        meta_file.write_text(json.dumps({"dataset_args": args, "sha256": _sha256(arrays_file)}, indent=2))
+        return arrays
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        arrays = self._arrays()
+        x, x_test = (torch.tensor(arrays[k], dtype=torch.float32).unsqueeze(1) for k in ("x", "x_test"))
+        y, y_test = (torch.tensor(arrays[k], dtype=torch.long) for k in ("y", "y_test"))
+        self.test_set = TensorDataset(x_test, y_test)
+        if self.val_size:
+            train, val = _split(len(y), [self.val_size], self.split_seed)
+            self.train_set, self.val_set = TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+        else:
+            self.train_set, self.val_set = TensorDataset(x, y), self.test_set
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _generate_mnist1d(args: dict) -> dict:
+    """``mnist1d.data.make_dataset`` with ``args``, as float32/int64 arrays; the global RNG states are kept."""
+    try:
+        from mnist1d.data import make_dataset
+        from mnist1d.utils import ObjectView
+    except ImportError as err:
+        raise ImportError("data=mnist1d needs the mnist1d package: pip install mnist1d (or sparsetrain[apps])") from err
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        data = make_dataset(ObjectView(dict(args)))
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+    return {
+        "x": data["x"].astype(np.float32),
+        "y": data["y"].astype(np.int64),
+        "x_test": data["x_test"].astype(np.float32),
+        "y_test": data["y_test"].astype(np.int64),
+    }
 
 
 # name: (torchvision class name, classes, channels, size, mean, std, folder torchvision looks for)

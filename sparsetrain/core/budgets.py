@@ -38,6 +38,7 @@ from sparsetrain.core.layouts import NM_LAYOUTS, Layout, check_pieces, groupings
 from sparsetrain.core.masks import Masks, global_topk_masks, topk_masks
 from sparsetrain.core.nm import NMStructure
 from sparsetrain.core.shards import Shards, full_shapes
+from sparsetrain.core.starved import starved_layers, starved_message
 from sparsetrain.core.validation import check_choice, check_globs, check_number, check_sparsity
 
 DISTRIBUTIONS = ("uniform", "erk", "er", "global")
@@ -354,6 +355,7 @@ class Budget:
         """Raise now if any of ``sparsities`` cannot be met on targets of these shapes.
 
         With a structure, warn once about the layers that cannot hold it (or raise for ``indivisible="error"``).
+        Warn about layers whose count leaves units without any weight (:mod:`sparsetrain.core.starved`).
         """
         nm = self.nm
         if nm is not None:
@@ -376,7 +378,10 @@ class Budget:
                     stacklevel=2,
                 )
         for sparsity in sparsities:
-            self.pool_counts(shapes, sparsity, layouts)
+            counts = self.pool_counts(shapes, sparsity, layouts)
+            starved = {} if self.distribution == "global" else starved_layers(counts, shapes)
+            if starved:
+                warnings.warn(starved_message(starved, f"distribution={self.distribution!r} at sparsity {sparsity:g}:"), stacklevel=2)
 
     def masks(self, scores, sparsity: float, shards=None, layouts: Mapping[str, Layout] | None = None, counts=None):
         """Keep the highest ``scores`` under this budget (see :func:`budget_masks`).

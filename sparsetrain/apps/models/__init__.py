@@ -3,7 +3,7 @@
 Families:
 
 * ``sparsetrain``: the in-repo nets in :data:`LOCAL_MODELS` (CIFAR ResNets, Wide ResNets and VGGs, LeNets,
-  ``digits_cnn``).
+  ``digits_cnn``, the MNIST-1D paper's ``mnist1d_mlp`` and ``mnist1d_cnn``).
 * ``timm``: any ``timm.create_model`` name, ``pretrained=False`` by default. ``img_size``
   is passed to models that accept it (ViTs and other fixed-size models) and dropped for
   the rest (CNNs work at any size).
@@ -22,12 +22,15 @@ from functools import partial
 
 from torch import nn
 
+from sparsetrain.apps.models.mnist1d import MNIST1DCNN, MNIST1DMLP
 from sparsetrain.apps.models.small import CifarResNet, CifarVGG, CifarWideResNet, DigitsCNN, LeNet5, LeNet300100
 
 LOCAL_MODELS = {
     "digits_cnn": DigitsCNN,
     "lenet300_100": LeNet300100,
     "lenet5": LeNet5,
+    "mnist1d_mlp": MNIST1DMLP,
+    "mnist1d_cnn": MNIST1DCNN,
     "resnet20": partial(CifarResNet, depth=20),
     "resnet32": partial(CifarResNet, depth=32),
     "resnet44": partial(CifarResNet, depth=44),
@@ -139,4 +142,5 @@ def _replace_first_conv(model: nn.Module, in_chans: int) -> None:
     raise ValueError(f"{type(model).__name__} has no Conv2d to adapt to in_chans={in_chans}")
 
 
-__all__ = ["FAMILIES", "LOCAL_MODELS", "build_model", "CifarResNet", "CifarVGG", "CifarWideResNet", "DigitsCNN", "LeNet5", "LeNet300100"]
+__all__ = ["FAMILIES", "LOCAL_MODELS", "build_model", "CifarResNet", "CifarVGG", "CifarWideResNet", "DigitsCNN", "LeNet5", "LeNet300100",
+           "MNIST1DCNN", "MNIST1DMLP"]
