@@ -440,3 +440,16 @@ def test_an_in_place_op_after_a_sparse_layer_works(shape):
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad * masks[n] if n in masks else q.grad, msg=n)
     compute.detach()
+
+
+@pytest.mark.parametrize("leading", [(6,), (2, 3), ()], ids=["rows", "leading_dims", "no_batch"])
+def test_the_output_is_a_base_tensor_in_the_layout_the_next_csr_layer_reads(leading):
+    """The CSR product writes ``Y^T`` row-major: the result keeps that layout (features slowest) so the
+    next sparse layer reads ``X^T`` contiguous, and it is its own base (in-place ops after it are allowed)."""
+    weight, mask = masked_weight((12, 10))
+    x = torch.randn(*leading, 10)
+    y = csr_linear(x, weight, None, SparsePattern(mask))
+    rows = x.numel() // 10
+    assert y.shape == (*leading, 12) and not y._is_view()
+    assert y.reshape(-1, 12).t().is_contiguous() and y.stride()[-1] == rows
+    assert torch.allclose(y, F.linear(x, weight), atol=1e-5)

@@ -27,6 +27,7 @@ and the results are cast back (:func:`kernel_dtype`).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -78,6 +79,19 @@ def _not_a_view(y: Tensor) -> Tensor:
     return y.clone(memory_format=torch.contiguous_format) if y._is_view() else y
 
 
+def _transposed_output(leading: torch.Size, features: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An empty ``(*leading, features)`` result whose features are the slowest dimension: the layout the
+    CSR product ``M @ X^T`` writes (through ``out=``) and the next CSR layer reads as ``X^T`` without a
+    copy. It is its own base, not a view, so an in-place op after the layer (``nn.ReLU(inplace=True)``)
+    is allowed by autograd."""
+    rows = math.prod(leading)
+    strides, inner = [], 1
+    for size in reversed(leading):
+        strides.append(inner)
+        inner *= size
+    return torch.empty_strided((*leading, features), (*reversed(strides), rows), dtype=dtype, device=device)
+
+
 class _CsrLinear(torch.autograd.Function):
     @staticmethod
     @_without_autocast
@@ -87,15 +101,17 @@ class _CsrLinear(torch.autograd.Function):
         values = pattern.values(weight).to(kdt)
         xk = x2.to(kdt)
         m = pattern.csr(values)
+        y = _transposed_output(x.shape[:-1], pattern.out_features, kdt, x.device)
+        yt = y.view(-1, pattern.out_features).t()  # (out, rows), row-major: what the CSR product writes
         if bias is None:
-            yt = torch.mm(m, xk.t())
+            torch.mm(m, xk.t(), out=yt)
         else:
-            yt = torch.addmm(bias.to(kdt).unsqueeze(1), m, xk.t())
+            torch.addmm(bias.to(kdt).unsqueeze(1), m, xk.t(), out=yt)
         ctx.save_for_backward(xk, values, weight)
         ctx.pattern, ctx.dense_grad, ctx.x_shape, ctx.x_dtype = pattern, dense_grad, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _not_a_view(yt.t().to(dtype).reshape(*x.shape[:-1], pattern.out_features))
+        return y.to(dtype)
 
     @staticmethod
     @_without_autocast
