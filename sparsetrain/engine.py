@@ -324,12 +324,10 @@ class SparsityEngine:
             return
         step = self.step + 1 if step is None else step
         names = self._stepped[step] = self.trained_by(optimizer)
-        if self.method.needs_grads(step):  # only targets that really got a gradient from this step
-            self._grads[step] = {  # FSDP2: the reduce-scattered (averaged) gradient's local piece
-                n: local(p.grad).detach() / grad_scale if not isinstance(grad_scale, float) or grad_scale != 1.0
-                else local(p.grad).detach().clone()
-                for n, p in self.targets.items() if n in names and p.grad is not None
-            }  # fmt: skip
+        if step in self._grads:  # copied by mask_gradients() before the loop clipped: this optimizer's targets
+            self._grads[step] = {n: g for n, g in self._grads[step].items() if n in names}
+        else:
+            self._copy_grads(step, names, grad_scale)
         if self.method.skips_optimizer_step(step):  # torch optimizers leave a parameter without grad alone
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -339,13 +337,32 @@ class SparsityEngine:
             weights = [p.detach() if isinstance(grad_scale, float) and grad_scale == 1.0 else p.detach() * grad_scale for _, p in named]
             self.method.regularize_(weights, [p.grad for _, p in named], [self.masks[n] for n, _ in named])
         else:
-            self.mask_gradients(names)
+            self._zero_masked_grads(names)
+
+    def _copy_grads(self, step: int, names: Iterable[str], grad_scale: Tensor | float = 1.0) -> None:
+        """Keep the gradients the update of ``step`` ranks by (RigL, GraNet: also at pruned positions), before
+        anything masks them; only targets that really got a gradient from this step."""
+        if not self.method.needs_grads(step):
+            return
+        scaled = not isinstance(grad_scale, float) or grad_scale != 1.0
+        self._grads[step] = {  # FSDP2: the reduce-scattered (averaged) gradient's local piece
+            n: local(p.grad).detach() / grad_scale if scaled else local(p.grad).detach().clone()
+            for n, p in self.targets.items() if n in names and p.grad is not None
+        }  # fmt: skip
 
     def mask_gradients(self, names: Iterable[str] | None = None) -> None:
-        """Zero the gradients of masked weights (of ``names``, default all targets) in one fused pass."""
+        """Zero the gradients of masked weights (of ``names``, default all targets) in one fused pass.
+
+        Called by a loop before it clips (``attach``'s users: ``engine.mask_gradients()`` then
+        ``clip_grad_norm_``), the gradients an update of the coming step ranks by are kept first.
+        """
         if self.masks is None or self.stochastic():
             return
-        names = self.targets if names is None else names
+        names = list(self.targets if names is None else names)
+        self._copy_grads(self.step + 1, names)
+        self._zero_masked_grads(names)
+
+    def _zero_masked_grads(self, names: Iterable[str]) -> None:
         if self.sparse is not None:  # the sparse kernels write exact zeros at pruned positions themselves
             names = set(names) & set(self.sparse.grads_to_mask())
         self.kernel([local(self.targets[n].grad) for n in self.targets if n in names], [self.masks[n] for n in self.targets if n in names])

@@ -71,13 +71,17 @@ def test_plain_loop_detach_removes_every_hook_and_keeps_the_sparse_weights():
     assert engine.step == 4 and engine.report().zeros < zeros
 
 
-def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None):
-    """A plain loop over ``random_loader`` batches ``start..steps-1`` (each batch steps every optimizer once)."""
+def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None, clip=None):
+    """A plain loop over ``random_loader`` batches ``start..steps-1`` (each batch steps every optimizer once);
+    ``clip``: ``engine.mask_gradients()`` then ``clip_grad_norm_(model.parameters(), clip)`` before the steps."""
     engine = sparsetrain.attach(model, optimizers, total_steps=steps * len(optimizers), seed=0, state=state, **engine_args)
     batches = [b for _ in range(EPOCHS) for b in random_loader()][start:steps]
     for x, y in batches:
         loss = nn.functional.cross_entropy(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
+        if clip is not None:
+            engine.mask_gradients()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         for optimizer in optimizers:
             scaler.step(optimizer) if scaler else optimizer.step()
         if scaler:
@@ -100,6 +104,41 @@ def test_plain_loop_with_grad_scaler_sees_the_unscaled_gradients():
     for n, m in plain.masks.items():
         assert torch.equal(scaled.masks[n], m), n
     torch.testing.assert_close(scaled_model.fc1.weight, model.fc1.weight)
+
+
+def test_masking_the_gradients_before_clipping_keeps_the_gradients_rigl_grows_by():
+    """docs/engine.md's recipe: ``engine.mask_gradients()`` then ``clip_grad_norm_``. The update still ranks the
+    pruned positions by their gradients (an infinite max norm clips nothing: the run must be the run without)."""
+    args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
+    L.seed_everything(0)
+    model = TinyNet()
+    plain = _train(model, [model.configure_optimizers()], args)
+    L.seed_everything(0)
+    clipped_model = TinyNet()
+    clipped = _train(clipped_model, [clipped_model.configure_optimizers()], args, clip=float("inf"))
+    for n, m in plain.masks.items():
+        assert torch.equal(clipped.masks[n], m), n
+    torch.testing.assert_close(clipped_model.fc1.weight, model.fc1.weight)
+
+
+@pytest.mark.parametrize("method,args", [("srste", dict(structure="2:4", every=2, end=12)), ("annealing", dict(sparsity=0.8))])
+def test_soft_masks_put_the_parameters_back_before_the_loop_clips(method, args):
+    """Between backward and step (where the Hugging Face Trainer clips) ``model.parameters()`` are the parameters
+    the optimizer steps, so clipping sees and scales their gradients."""
+    L.seed_everything(0)
+    model = TinyNet()
+    optimizer = model.configure_optimizers()
+    engine = sparsetrain.attach(model, optimizer, method, total_steps=STEPS, seed=0, **args)
+    stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    for x, y in [b for _ in range(EPOCHS) for b in random_loader()][:6]:
+        nn.functional.cross_entropy(model(x), y).backward()
+        assert {id(p) for p in model.parameters()} == stepped
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+        assert norm <= 1e-3 * 1.001
+        optimizer.step()
+        optimizer.zero_grad()
+    engine.detach()
 
 
 def test_plain_loop_with_two_optimizers_counts_every_step_and_prunes_each_optimizers_weights():

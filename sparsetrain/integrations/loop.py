@@ -15,7 +15,8 @@ before a step it copies the gradients an update needs and zeroes those of masked
 the step (every optimizer's step counts, as ``trainer.global_step`` does) and runs the updates due. Methods with
 soft masks (``StochasticAnnealing``, ``SRSTE``) also get a forward pre-hook and hook on the model: training
 forwards see sampled or straight-through weights (forward ``f`` after step ``t`` draws from the seed of
-``(t, f)``), evaluation forwards (``model.eval()``) the target network ``w * mask``.
+``(t, f)``) until their backward has reached every target (the parameters are back in their modules for
+whatever runs between backward and step), evaluation forwards (``model.eval()``) the target network ``w * mask``.
 
 * ``torch.amp.GradScaler``: ``scaler.step(optimizer)`` unscales before the step, so the hooks see the real
   gradients; a step it skips (inf/NaN) is not an optimizer step and is not counted. A fused optimizer
@@ -147,6 +148,10 @@ def drive(
         engine.handles += [register_optimizer_step_pre_hook(hooks.before_any_step), register_optimizer_step_post_hook(hooks.after_any_step)]
     if "soft_masks" in engine.method.supports:
         engine.handles += [model.register_forward_pre_hook(hooks.before_forward), model.register_forward_hook(hooks.after_forward)]
+        # the parameters go back into their modules once a backward has reached them all: what the loop does
+        # between backward and step (clip_grad_norm_(model.parameters()), the HF Trainer's clipping) sees them
+        trained = [p for p in engine.targets.values() if p.requires_grad]
+        engine.handles.append(torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: engine.restore(), mode="all"))
     return engine
 
 
