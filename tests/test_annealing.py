@@ -267,6 +267,19 @@ def test_target_is_largest_magnitude_at_start():
     assert all(torch.equal(want[n], cb.masks[n]) for n in TARGETS)
 
 
+def test_a_second_fit_of_a_new_model_with_the_same_callback_anneals_again():
+    """One callback, two models (the Hugging Face Trainer's model_init builds a new one per train() or search
+    trial): the second model gets fresh masks and its own target at ``start``, not the first run's state."""
+    cb = SparsityCallback(StochasticAnnealing(0.75, start=3, end=9))
+    for seed in (0, 1):
+        L.seed_everything(seed)
+        model = Net()
+        trainer(max_epochs=2, callbacks=[cb], limit_val_batches=0).fit(model, random_loader())
+        zeros = sum(int(model.get_parameter(n).eq(0).sum()) for n in TARGETS)
+        total = sum(model.get_parameter(n).numel() for n in TARGETS)
+        assert zeros == round(0.75 * total), (seed, zeros, total)
+
+
 def test_evaluation_uses_the_deterministic_target_network(tmp_path):
     L.seed_everything(0)
     model = Net()

@@ -161,6 +161,7 @@ class StochasticAnnealing(SparsityMethod):
     def init_masks(self, ctx: SparsityContext) -> Masks:
         if self._start == 0:
             return self._begin(ctx)
+        self._base = None  # a new run (the same method on a new model too): its target is chosen at `start`
         return {n: torch.ones_like(p, dtype=torch.bool) for n, p in ctx.params.items()}  # dense until start
 
     @torch.no_grad()
