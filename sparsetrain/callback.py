@@ -280,7 +280,7 @@ class SparsityCallback(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.engine.end_forwards()
+        self._release()  # Lightning calls no teardown hook after an exception
         # no count under sharding: it is a collective, and the other ranks may be gone
         if isinstance(exception, KeyboardInterrupt) and self.engine.shards is None:
             report = self.engine._short_of_target()
@@ -292,6 +292,10 @@ class SparsityCallback(Callback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """The model back to itself (parameters in their modules, dense kernels), optimizers and copies let go."""
         self.engine.end_forwards()
         self.engine._swap = None
         self.engine.copies, self.engine.optimizers = [], []

@@ -134,3 +134,28 @@ def test_soft_masks_with_sparse_kernels_are_refused_at_construction():
             SparsityCallback(method, sparsity=0.5, compute="sparse")
     with pytest.raises(SparsityConfigError, match="compute='fast' is unknown; allowed: masked, sparse, auto"):
         SparsityCallback("static", sparsity=0.5, compute="fast")
+
+
+def test_a_fit_that_raises_leaves_no_sparse_kernels_on_the_model():
+    """An error in ``training_step`` (a notebook user then loads other weights and evaluates): Lightning runs no
+    teardown hook after an exception, and the layers must compute with their current weights again."""
+
+    class Failing(MLP):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    L.seed_everything(0)
+    model = Failing()
+    cb = SparsityCallback("static", sparsity=0.9, compute="sparse", seed=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_epochs=1, callbacks=[cb]).fit(model, random_loader())
+    assert cb.engine.sparse is None
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in layers)
+    with torch.no_grad():
+        for m in layers:
+            m.weight.fill_(0.01)  # other, dense weights
+        x = torch.randn(4, 64)
+        assert torch.allclose(layers[0](x), nn.functional.linear(x, layers[0].weight, layers[0].bias))
