@@ -15,7 +15,7 @@ from sparsetrain import checkpoint
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.report import SparsityReport, sparsity_report
 from sparsetrain.engine import SparsityEngine
-from sparsetrain.integrations.lightning import averaged_copies, check_strategy, other_callbacks
+from sparsetrain.integrations.lightning import averaged_copies, check_strategy, grad_scaling, other_callbacks
 from sparsetrain.methods.base import SparsityMethod
 
 
@@ -187,7 +187,10 @@ class SparsityCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         self.engine.optimizers = trainer.optimizers
-        self.engine.before_optimizer_step(optimizer, trainer.global_step + 1)
+        step = trainer.global_step + 1
+        scale, skipped = grad_scaling(trainer, optimizer, check_inf=self.method.is_update_step(step))
+        if not skipped:  # a step GradScaler skips makes no update that ranks by its (inf/NaN) gradients
+            self.engine.before_optimizer_step(optimizer, step, grad_scale=scale)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import sparsetrain
+from sparsetrain import SparsityCallback
 from tests.helpers import TinyNet, random_loader
 from tests.loops import EPOCHS, LOOPS, STEPS
 
@@ -261,3 +263,67 @@ def test_a_fused_optimizer_under_grad_scaler_counts_only_the_steps_it_makes():
     made = int(optimizer.state[model.fc1.weight]["step"])
     assert made == 5 and engine.step == made
     assert zeros_in_masked_positions(model, engine.masks) == 0
+
+
+class _AdamNet(TinyNet):
+    def __init__(self, fused: bool, inf_at: int | None = None):
+        super().__init__()
+        self.fused, self.inf_at = fused, inf_at
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("inf") if batch_idx == self.inf_at else loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=self.fused)
+
+
+def _lightning_16_mixed(model, callbacks, batches):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)  # a power of two: unscaling is exact
+    L.Trainer(
+        max_epochs=1, limit_train_batches=batches, callbacks=callbacks, logger=False, limit_val_batches=0,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    ).fit(model, random_loader())
+
+
+def test_lightning_16_mixed_with_a_fused_optimizer_unscales_what_the_engine_reads():
+    """A fused optimizer unscales inside its step, so Lightning hands the callback scaled gradients: SR-STE's
+    decay term must be scaled with them (the run of a non-fused Adam, to float tolerance)."""
+    runs = {}
+    for fused in (False, True):
+        L.seed_everything(0)
+        model = _AdamNet(fused)
+        cb = SparsityCallback("srste", structure="2:4", every=2, end=6, exclude="conv.*", seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _lightning_16_mixed(model, [cb], 8)
+        runs[fused] = (model, cb.engine.masks)
+    for n, m in runs[False][1].items():
+        assert torch.equal(runs[True][1][n], m), n
+    torch.testing.assert_close(runs[True][0].fc1.weight, runs[False][0].fc1.weight, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["adam", "fused_adam"])
+def test_lightning_skips_the_update_of_a_step_grad_scaler_skips(fused):
+    """Lightning counts a step GradScaler skips (inf/NaN gradients); RigL's update on it must not rank by those
+    gradients: it is skipped, and the masks stay as they were, with no non-finite warning."""
+    L.seed_everything(0)
+    model = _AdamNet(fused, inf_at=2)  # step 3, RigL's first update, overflows
+    cb = SparsityCallback("rigl", sparsity=0.8, every=3, end=6, distribution="uniform", exclude="conv.*", seed=0)
+    before = {}
+
+    class Grab(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:
+                before.update({n: m.clone() for n, m in cb.engine.masks.items()})
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the non-finite warning of an update on inf gradients
+        warnings.filterwarnings("ignore", message="(?!sparsetrain)")
+        _lightning_16_mixed(model, [Grab(), cb], 4)
+    assert cb.engine.step == 4
+    for n, m in before.items():
+        assert torch.equal(cb.engine.masks[n], m), n

@@ -6,12 +6,14 @@
 * :class:`SparsityModelCheckpoint`: a ``ModelCheckpoint`` whose best (top-k) checkpoints are chosen only among
   those saved at the final sparsity with hard masks, so that ``ckpt_path="best"`` is a sparse model.
 * :func:`check_strategy`: the strategies that cannot hold per-weight masks, refused at fit start.
+* :func:`grad_scaling`: what ``GradScaler`` (``precision="16-mixed"``) does to the step about to be made.
 """
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
+import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
@@ -72,3 +74,25 @@ class SparsityModelCheckpoint(ModelCheckpoint):
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
         if self.monitor is None or all(c.engine.at_final_sparsity() for c in sparsity_callbacks(trainer)):
             super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+
+def grad_scaling(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, check_inf: bool) -> tuple[torch.Tensor | float, bool]:
+    """``(factor, skipped)`` for the step ``optimizer`` is about to make, seen from ``on_before_optimizer_step``.
+
+    ``factor``: the loss scale the gradients still carry. Lightning unscales them before that hook, except for an
+    optimizer that unscales inside its own step (``fused=True``): then the scale. ``skipped``: GradScaler found
+    inf/NaN gradients and will not step (Lightning counts the step all the same); read from the unscaling
+    Lightning did, or for a fused optimizer checked now when ``check_inf`` (one pass over its gradients).
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0, False
+    fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+    if not check_inf:
+        found = {}
+    elif fused:
+        found = scaler._check_inf_per_device(optimizer)
+    else:
+        found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    skipped = any(bool(v.item()) for v in found.values())
+    return (scaler._scale if fused else 1.0), skipped
