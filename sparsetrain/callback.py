@@ -102,7 +102,7 @@ class SparsityCallback(Callback):
         self._checkpoint_state: dict | None = None  # from load_state_dict, until the fit or the evaluation starts
         self._fit_trainer: int | None = None
         self._deferred = False  # the masks wait for on_train_start: the strategy restores the checkpoint later
-        self._steps_per_batch = 1
+        self._steps_per_batch: int | None = None  # manual optimization: the optimizer steps of a batch
         self._batch_start_step = 0
 
     method = _engine("method", "The sparsity method.")
@@ -128,9 +128,9 @@ class SparsityCallback(Callback):
     # ------------------------------------------------------------------ start
     def _count_total_steps(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> int | None:
         """All optimizer steps of this fit (``None`` if unknown): what fractions of training refer to."""
-        self._steps_per_batch = 1 if pl_module.automatic_optimization else max(1, len(trainer.optimizers))
+        self._steps_per_batch = None if pl_module.automatic_optimization else max(1, len(trainer.optimizers))
         total = trainer.estimated_stepping_batches
-        if self._steps_per_batch > 1 and trainer.max_epochs != -1 and math.isfinite(trainer.num_training_batches):
+        if self._steps_per_batch is not None and trainer.max_epochs != -1 and math.isfinite(trainer.num_training_batches):
             total = self._steps_per_batch * trainer.num_training_batches * max(trainer.max_epochs, 1)
             total = min(total, trainer.max_steps) if trainer.max_steps != -1 else total
         return int(total) if math.isfinite(total) and total > 0 else None
@@ -196,7 +196,7 @@ class SparsityCallback(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         self.engine.end_forwards()  # also when the batch had no backward
         made = trainer.global_step - self._batch_start_step
-        if self._steps_per_batch > 1 and made != self._steps_per_batch and self.method.uses_fractions():
+        if self._steps_per_batch is not None and made != self._steps_per_batch and self.method.uses_fractions():
             raise SparsityConfigError(
                 f"a training batch made {made} optimizer steps, but {type(self.method).__name__}'s schedule has "
                 f"fractions of training, resolved for {self._steps_per_batch} steps per batch (one per optimizer, "

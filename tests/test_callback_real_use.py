@@ -161,6 +161,29 @@ def test_fractions_with_an_irregular_number_of_steps_per_batch_fail_at_once():
     assert zeros(model, names) == pruned(shapes_of(model, names), 0.8)
 
 
+class ManualAccumulation(TinyNet):
+    """Manual optimization, one optimizer, a step every second batch."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]) / 2)
+        if batch_idx % 2:
+            opt.step()
+            opt.zero_grad()
+
+
+def test_fractions_with_one_manual_optimizer_that_skips_batches_fail_at_once():
+    """docs/rules.md: the check runs with manual optimization whatever the number of optimizers (the schedule was
+    resolved for twice the steps the fit makes, and GMP ended at 79 % of a 90 % target)."""
+    cb = SparsityCallback(GMP(sparsity=0.9, end=1.0, every=2))
+    with pytest.raises(SparsityConfigError, match="a training batch made 0 optimizer steps.*resolved for 1 steps per batch"):
+        trainer(max_epochs=2, callbacks=[cb]).fit(ManualAccumulation(), random_loader())
+
+
 # ---------------------------------------------------------- 2. frozen weights
 def frozen_fc1():
     model = TinyNet()
