@@ -249,6 +249,7 @@ class SparsityEngine:
         loaded, self._loaded = self._loaded, None
         if loaded is not None and checkpoint.started(loaded):
             self._load(loaded, self._loaded_path)
+            self._check_weights_belong_to(self._loaded_path)
         elif self.masks is not None and list(previous) == list(self.targets) and all(previous[n] is p for n, p in self.targets.items()):
             self.step = step
             self.inform(
@@ -780,6 +781,22 @@ class SparsityEngine:
         self.run_seed, self.step = state["seed"], state["step"]
         if changed:
             self._warn_if_sparser_than_configured()
+
+    def _check_weights_belong_to(self, path) -> None:
+        """The weights of a resumed model are 0 wherever the loaded hard masks prune: weights from another run or
+        from no checkpoint at all would lose their values to those masks without a word."""
+        if self.masks is None or self.stochastic():
+            return
+        found = total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards)
+        wrong = {n: c for n, c in found.items() if c}
+        if wrong:
+            raise SparsityConfigError(
+                f"resume: the loaded sparsity state{f' ({path})' if path else ''} prunes weights that are non-zero in the "
+                f"model ({', '.join(f'{n}: {c:,}' for n, c in list(wrong.items())[:4])}): the model's weights were not "
+                "saved with it. Load the model (and optimizer) from the same checkpoint as the sparsity state; with the "
+                "Hugging Face Trainer, a checkpoint folder outside output_dir is given as "
+                "TrainingArguments(resume_from_checkpoint=...)"
+            )
 
     def _warn_if_sparser_than_configured(self) -> None:
         """``on_config_change="continue"`` to a lower sparsity: no method revives pruned weights; say so now."""

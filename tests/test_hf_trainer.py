@@ -108,6 +108,20 @@ def test_a_resume_without_the_sparsity_state_fails_naming_the_folder(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
 
 
+def test_a_resume_that_finds_another_runs_sparsity_state_fails_instead_of_pruning_the_weights(tmp_path):
+    """Resuming from a folder outside output_dir without TrainingArguments(resume_from_checkpoint=...): the callback
+    can only look in output_dir, where an older run left a checkpoint of the same step. Its masks do not fit the
+    resumed weights: the resume fails instead of zeroing the weights those masks prune."""
+    for seed, folder in ((0, "old"), (1, "new")):
+        torch.manual_seed(seed)
+        callback = SparsityTrainerCallback("static", sparsity=0.5, seed=seed)
+        hf_trainer(gpt2(transformers), callback, "lm", tmp_path / folder, save_strategy="steps", save_steps=4).train()
+    torch.manual_seed(0)
+    trainer = hf_trainer(gpt2(transformers), SparsityTrainerCallback("static", sparsity=0.5, seed=1), "lm", tmp_path / "old")
+    with pytest.raises(Exception, match="resume: the loaded sparsity state.* prunes weights that are non-zero"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "new" / "checkpoint-4"))
+
+
 def test_load_best_model_at_end_takes_the_best_checkpoints_masks_and_says_when_it_predates_the_final_sparsity(tmp_path):
     class FallingLoss(InOrder):  # eval_loss rises with every evaluation: the best checkpoint is the first
         def evaluate(self, *args, **kwargs):
