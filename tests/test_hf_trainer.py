@@ -11,7 +11,7 @@ from sparsetrain.core import layer_counts
 from tests.test_hf import SPARSITY, gpt2, vit
 
 transformers = pytest.importorskip("transformers")
-from sparsetrain.integrations.hf import STATE_FILE, SparsityTrainerCallback  # noqa: E402
+from sparsetrain.integrations.hf import STATE_FILE, SparsityTrainerCallback, report_first  # noqa: E402
 
 STEPS = 8
 
@@ -60,7 +60,7 @@ def test_the_trainers_own_optimizer_trains_to_exact_counts_that_survive_save_pre
     name, args = METHODS[method]
     callback = SparsityTrainerCallback(name, seed=0, **args)
     trainer = hf_trainer(model, callback, kind, tmp_path / "run")
-    trainer.train()  # the Trainer makes its AdamW: callbacks get optimizer=None, the engine finds it at its first step
+    trainer.train()  # the Trainer makes its AdamW (passed to callbacks, or found by the engine at its first step)
     engine = callback.engine
     assert engine.step == STEPS and engine.optimizers == []  # released at the end
     params = dict(model.named_parameters())
@@ -146,3 +146,38 @@ def test_load_best_model_at_end_takes_the_best_checkpoints_masks_and_says_when_i
         assert torch.equal(callback.engine.masks[n].cpu(), m), n
         assert int(model.get_parameter(n)[~m].ne(0).sum()) == 0, n
     assert callback.engine.handles == []
+
+
+def test_report_first_sends_the_sparsity_metrics_to_the_report_to_loggers(tmp_path, monkeypatch):
+    """TensorBoard (``report_to``) runs before the callbacks a user passes: with report_first it logs them too."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    torch.manual_seed(0)
+    callback = SparsityTrainerCallback("gmp", seed=0, **METHODS["gmp"][1])
+    trainer = hf_trainer(gpt2(transformers), callback, "lm", tmp_path, report_to=["tensorboard"])
+    report_first(trainer)
+    assert trainer.callback_handler.callbacks[0] is callback
+    trainer.train()
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb")).Reload()
+    logged = events.Scalars("train/sparsity/global")
+    assert sorted({e.step for e in logged}) == [2, 4, 6, 8]
+    assert logged[-1].value == pytest.approx(callback.engine.report().global_sparsity)
+
+
+def test_checkpoints_saved_into_a_trials_run_folder_get_the_sparsity_state_there(tmp_path):
+    """hyperparameter_search saves each trial's checkpoints under output_dir/run-<n>/: the state goes with them."""
+
+    class TrialFolder(InOrder):
+        def _get_output_dir(self, trial):
+            return str(tmp_path / "run-0")
+
+    torch.manual_seed(0)
+    callback = SparsityTrainerCallback("static", sparsity=0.5, seed=0)
+    settings = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=STEPS, use_cpu=True, report_to=[],
+        save_strategy="steps", save_steps=4, disable_tqdm=True, dataloader_num_workers=0, seed=0,
+    )  # fmt: skip
+    TrialFolder(model=gpt2(transformers), args=transformers.TrainingArguments(**settings), train_dataset=Data("lm"), callbacks=[callback]).train()
+    assert (tmp_path / "run-0" / "checkpoint-4" / STATE_FILE).is_file()
+    assert (tmp_path / "run-0" / "checkpoint-8" / STATE_FILE).is_file()
+    assert not (tmp_path / "checkpoint-4").exists()

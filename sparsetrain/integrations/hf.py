@@ -16,8 +16,9 @@ they run after gradient clipping and AMP unscaling), and counts steps as the Tra
 step, so the run continues exactly (a folder outside ``output_dir``: give it as
 ``TrainingArguments(resume_from_checkpoint=...)``, since the Trainer does not tell callbacks where it resumes from).
 With ``load_best_model_at_end`` the masks of the best checkpoint come back with its weights (and a warning when
-that checkpoint predates the final sparsity). The sparsity metrics are added to the Trainer's ``logs`` (the
-callbacks after this one, and ``state.log_history``).
+that checkpoint predates the final sparsity). The sparsity metrics are added to the Trainer's ``logs`` and
+``state.log_history``; the Trainer runs its ``report_to`` callbacks (TensorBoard, W&B, ...) first, so call
+:func:`report_first` for them to log the sparsity metrics too.
 
 Clipping (``max_grad_norm``, on by default in ``TrainingArguments``) runs before the hooks, so the clipped norm
 includes the pruned weights' gradients; set ``max_grad_norm=0`` or accept that small difference from the
@@ -26,6 +27,7 @@ Lightning callback, which masks before clipping.
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 
@@ -77,8 +79,7 @@ class SparsityTrainerCallback(TrainerCallback):
                     f"{state.global_step}: it belongs to another run"
                 )
         total = state.max_steps if state.max_steps and state.max_steps > 0 else None
-        # the Trainer passes its optimizer to callbacks only when the user gave it (optimizers=...): else None,
-        # and the engine finds it at its first step
+        # the Trainer's optimizer (transformers 5 passes its own too); None: the engine finds it at its first step
         drive(self.engine, model, optimizer, total, state=saved, step=state.global_step, log_metrics=self._keep, counts_steps=False)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -93,9 +94,7 @@ class SparsityTrainerCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         run_state = self.engine.state_dict()
         if state.is_world_process_zero:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            torch.save(run_state, os.path.join(folder, STATE_FILE))
+            torch.save(run_state, os.path.join(saved_folder(args.output_dir, state.global_step), STATE_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint if args.load_best_model_at_end else None
@@ -115,3 +114,34 @@ class SparsityTrainerCallback(TrainerCallback):
                 self.engine.detach_hooks()
                 return
         self.engine.detach()
+
+
+def saved_folder(output_dir: str, step: int) -> str:
+    """The folder the Trainer has just saved step ``step`` to: ``output_dir/checkpoint-<step>``, or in a
+    hyperparameter search the trial's ``output_dir/<run>/checkpoint-<step>`` (the newest of those)."""
+    name = f"checkpoint-{step}"
+    found = glob.glob(os.path.join(glob.escape(output_dir), name)) + glob.glob(os.path.join(glob.escape(output_dir), "*", name))
+    found = [f for f in found if os.path.isdir(f)]
+    if not found:
+        os.makedirs(os.path.join(output_dir, name), exist_ok=True)
+        return os.path.join(output_dir, name)
+    return max(found, key=_written_at)
+
+
+def _written_at(folder: str) -> float:
+    state = os.path.join(folder, "trainer_state.json")  # rewritten at every save (a folder's own time is not)
+    return os.path.getmtime(state if os.path.isfile(state) else folder)
+
+
+def report_first(trainer) -> None:
+    """Put the ``SparsityTrainerCallback`` of ``trainer`` before its other callbacks.
+
+    The Trainer runs the reporting callbacks it builds from ``report_to`` (TensorBoard, W&B, MLflow, ...) before
+    the callbacks you pass, and they send ``logs`` as they get them; the sparsity metrics this callback adds to
+    ``logs`` reach them only when it runs first: ``trainer = Trainer(..., callbacks=[SparsityTrainerCallback(...)])``,
+    then ``report_first(trainer)``."""
+    handler = trainer.callback_handler
+    ours = [c for c in handler.callbacks if isinstance(c, SparsityTrainerCallback)]
+    if not ours:
+        raise ValueError("report_first: this Trainer has no SparsityTrainerCallback (pass it in callbacks=[...])")
+    handler.callbacks = ours + [c for c in handler.callbacks if not isinstance(c, SparsityTrainerCallback)]
