@@ -131,3 +131,5 @@ def main(method_name: str, out: Path, file: bool):
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]), "--file" in sys.argv)
+    if torch.distributed.is_initialized():  # Lightning leaves the gloo group up: torn down at exit, it can abort
+        torch.distributed.destroy_process_group()  # ("terminate called without an active exception", rc -6)
