@@ -93,34 +93,23 @@ def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, st
     return engine
 
 
-def test_plain_loop_with_grad_scaler_sees_the_unscaled_gradients():
+@pytest.mark.parametrize("variant", ["grad_scaler", "mask_then_clip"])
+def test_a_loop_with_the_usual_extras_makes_the_run_of_the_bare_loop(variant):
+    """``grad_scaler``: ``scaler.step`` unscales before the hooks (a power-of-two scale: unscaling is exact).
+    ``mask_then_clip``: docs/engine.md's recipe, ``engine.mask_gradients()`` then ``clip_grad_norm_``; the update
+    still ranks the pruned positions by their gradients (an infinite max norm clips nothing)."""
     args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
     L.seed_everything(0)
     model = TinyNet()
     plain = _train(model, [model.configure_optimizers()], args)
     L.seed_everything(0)
-    scaled_model = TinyNet()
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)  # a power of two: unscaling is exact
-    scaled = _train(scaled_model, [scaled_model.configure_optimizers()], args, scaler=scaler)
-    assert scaled.step == plain.step == STEPS
+    other_model = TinyNet()
+    extras = dict(scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)) if variant == "grad_scaler" else dict(clip=float("inf"))
+    other = _train(other_model, [other_model.configure_optimizers()], args, **extras)
+    assert other.step == plain.step == STEPS
     for n, m in plain.masks.items():
-        assert torch.equal(scaled.masks[n], m), n
-    torch.testing.assert_close(scaled_model.fc1.weight, model.fc1.weight)
-
-
-def test_masking_the_gradients_before_clipping_keeps_the_gradients_rigl_grows_by():
-    """docs/engine.md's recipe: ``engine.mask_gradients()`` then ``clip_grad_norm_``. The update still ranks the
-    pruned positions by their gradients (an infinite max norm clips nothing: the run must be the run without)."""
-    args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
-    L.seed_everything(0)
-    model = TinyNet()
-    plain = _train(model, [model.configure_optimizers()], args)
-    L.seed_everything(0)
-    clipped_model = TinyNet()
-    clipped = _train(clipped_model, [clipped_model.configure_optimizers()], args, clip=float("inf"))
-    for n, m in plain.masks.items():
-        assert torch.equal(clipped.masks[n], m), n
-    torch.testing.assert_close(clipped_model.fc1.weight, model.fc1.weight)
+        assert torch.equal(other.masks[n], m), n
+    torch.testing.assert_close(other_model.fc1.weight, model.fc1.weight)
 
 
 @pytest.mark.parametrize("method,args", [("srste", dict(structure="2:4", every=2, end=12)), ("annealing", dict(sparsity=0.8))])
