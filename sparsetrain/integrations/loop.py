@@ -151,7 +151,8 @@ def drive(
         # the parameters go back into their modules once a backward has reached them all: what the loop does
         # between backward and step (clip_grad_norm_(model.parameters()), the HF Trainer's clipping) sees them
         trained = [p for p in engine.targets.values() if p.requires_grad]
-        engine.handles.append(torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: engine.restore(), mode="all"))
+        if trained:
+            engine.handles.append(torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: engine.restore(), mode="all"))
     return engine
 
 
