@@ -27,7 +27,6 @@ and the results are cast back (:func:`kernel_dtype`).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 from torch import Tensor
@@ -73,23 +72,19 @@ def _without_autocast(fn):
     return wrapper
 
 
+def _row_major(y2: Tensor, leading: torch.Size, dtype: torch.dtype) -> Tensor:
+    """``y2`` (``(rows, features)``, any strides) as the ``(*leading, features)`` result ``nn.Linear`` gives:
+    row-major (``.view`` on it works, attention kernels get a contiguous last dim) and its own base, not a view
+    (autograd allows an in-place op after the layer, ``nn.ReLU(inplace=True)``). One copy, in ``dtype``."""
+    y = torch.empty((*leading, y2.shape[1]), dtype=dtype, device=y2.device)
+    y.view(-1, y2.shape[1]).copy_(y2)
+    return y
+
+
 def _not_a_view(y: Tensor) -> Tensor:
     """The output of an autograd Function must not be a view: an in-place op on it (``nn.ReLU(inplace=True)``
     after the layer) is refused by autograd. A view is copied, row-major."""
     return y.clone(memory_format=torch.contiguous_format) if y._is_view() else y
-
-
-def _transposed_output(leading: torch.Size, features: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An empty ``(*leading, features)`` result whose features are the slowest dimension: the layout the
-    CSR product ``M @ X^T`` writes (through ``out=``) and the next CSR layer reads as ``X^T`` without a
-    copy. It is its own base, not a view, so an in-place op after the layer (``nn.ReLU(inplace=True)``)
-    is allowed by autograd."""
-    rows = math.prod(leading)
-    strides, inner = [], 1
-    for size in reversed(leading):
-        strides.append(inner)
-        inner *= size
-    return torch.empty_strided((*leading, features), (*reversed(strides), rows), dtype=dtype, device=device)
 
 
 class _CsrLinear(torch.autograd.Function):
@@ -101,17 +96,15 @@ class _CsrLinear(torch.autograd.Function):
         values = pattern.values(weight).to(kdt)
         xk = x2.to(kdt)
         m = pattern.csr(values)
-        y = _transposed_output(x.shape[:-1], pattern.out_features, kdt, x.device)
-        yt = y.view(-1, pattern.out_features).t()  # (out, rows), row-major: what the CSR product writes
         if bias is None:
-            torch.mm(m, xk.t(), out=yt)
+            yt = torch.mm(m, xk.t())
         else:
-            torch.addmm(bias.to(kdt).unsqueeze(1), m, xk.t(), out=yt)
+            yt = torch.addmm(bias.to(kdt).unsqueeze(1), m, xk.t())
         ctx.save_for_backward(xk, values, weight)
         ctx.pattern, ctx.dense_grad, ctx.x_shape, ctx.x_dtype = pattern, dense_grad, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.to(dtype)
+        return _row_major(yt.t(), x.shape[:-1], dtype)
 
     @staticmethod
     @_without_autocast
