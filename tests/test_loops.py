@@ -3,6 +3,7 @@ bitwise the same masks; the plain loop with GradScaler, several optimizers and a
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import textwrap
@@ -316,3 +317,39 @@ def test_lightning_skips_the_update_of_a_step_grad_scaler_skips(fused):
     assert cb.engine.step == 4
     for n, m in before.items():
         assert torch.equal(cb.engine.masks[n], m), n
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self, use_reentrant: bool | None):
+        super().__init__()
+        self.use_reentrant = use_reentrant  # None: no activation checkpointing
+        self.a, self.b, self.c = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in (self.a, self.b):
+            if self.use_reentrant is None:
+                x = torch.relu(layer(x))
+            else:
+                x = torch.utils.checkpoint.checkpoint(lambda t, layer=layer: torch.relu(layer(t)), x, use_reentrant=self.use_reentrant)
+        return self.c(x)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("method,args", [("srste", dict(structure="2:4")), ("annealing", dict(sparsity=0.5))])
+def test_soft_masks_under_activation_checkpointing_give_the_gradients_of_the_plain_forward(method, args, use_reentrant):
+    """Checkpointed segments recompute their forward in the backward (a nested backward per segment when
+    reentrant): they must see the sampled weights of the forward, whenever the parameters go back."""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 16, requires_grad=True), torch.randint(0, 4, (8,))
+    base = _Checkpointed(None)
+    grads = {}
+    for mode in (None, use_reentrant):
+        model = copy.deepcopy(base)
+        model.use_reentrant = mode
+        params = dict(model.named_parameters())  # what the optimizer steps
+        engine = sparsetrain.attach(model, torch.optim.SGD(params.values(), lr=0.1), method, total_steps=10, seed=1, **args)
+        nn.functional.cross_entropy(model(x), y).backward()
+        grads[mode] = {n: p.grad.clone() for n, p in params.items()}
+        engine.detach()
+    for n, g in grads[None].items():
+        torch.testing.assert_close(grads[use_reentrant][n], g, msg=n)

@@ -148,11 +148,18 @@ def drive(
         engine.handles += [register_optimizer_step_pre_hook(hooks.before_any_step), register_optimizer_step_post_hook(hooks.after_any_step)]
     if "soft_masks" in engine.method.supports:
         engine.handles += [model.register_forward_pre_hook(hooks.before_forward), model.register_forward_hook(hooks.after_forward)]
-        # the parameters go back into their modules once a backward has reached them all: what the loop does
-        # between backward and step (clip_grad_norm_(model.parameters()), the HF Trainer's clipping) sees them
+        # the parameters go back into their modules once one backward has given every target its gradient: what
+        # the loop does between backward and step (clip_grad_norm_(model.parameters()), the HF Trainer's clipping)
+        # sees them. A backward that gives only some (reentrant activation checkpointing runs a nested backward per
+        # segment, and later segments recompute with the swapped weights) leaves them until the step.
         trained = [p for p in engine.targets.values() if p.requires_grad]
+
+        def restore_after_backward(grads) -> None:
+            if all(g is not None for g in grads):
+                engine.restore()
+
         if trained:
-            engine.handles.append(torch.autograd.graph.register_multi_grad_hook(trained, lambda grads: engine.restore(), mode="all"))
+            engine.handles.append(torch.autograd.graph.register_multi_grad_hook(trained, restore_after_backward, mode="all"))
     return engine
 
 
