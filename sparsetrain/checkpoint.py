@@ -15,6 +15,8 @@ of plain values and CPU tensors. It is the ``SparsityCallback`` entry of a Light
                    target selection as plain values (what a resume must share)
 ``generator``      the state of the run's ``torch.Generator``; ``seed``: its seed; ``step``: optimizer steps
 ``final``          whether the weights were at the method's final sparsity with hard masks when saved
+``soft``           whether the masks were soft when saved (annealing, SR-STE: the weights stay dense); absent
+                   before 0.3
 ``sparsity``       the sparsity counted in the weights when saved
 =================  =====================================================================================
 

@@ -249,7 +249,8 @@ class SparsityEngine:
         loaded, self._loaded = self._loaded, None
         if loaded is not None and checkpoint.started(loaded):
             self._load(loaded, self._loaded_path)
-            self._check_weights_belong_to(self._loaded_path)
+            if not loaded.get("soft", "soft_masks" in self.method.supports):  # soft masks leave the weights dense
+                self._check_weights_belong_to(self._loaded_path)
         elif self.masks is not None and list(previous) == list(self.targets) and all(previous[n] is p for n, p in self.targets.items()):
             self.step = step
             self.inform(
@@ -714,6 +715,7 @@ class SparsityEngine:
             "seed": self.run_seed,
             "step": self.step,
             "final": self.at_final_sparsity(),
+            "soft": self.stochastic(),
             "sparsity": self.report().global_sparsity if self.targets else 0.0,
         }
         if sharded and gather:

@@ -353,3 +353,23 @@ def test_soft_masks_under_activation_checkpointing_give_the_gradients_of_the_pla
         engine.detach()
     for n, g in grads[None].items():
         torch.testing.assert_close(grads[use_reentrant][n], g, msg=n)
+
+
+def test_a_resume_from_soft_masks_into_a_shorter_schedule_hardens_them():
+    """SR-STE saved in its soft phase (dense weights), resumed with fewer total steps so its fraction ``end=0.5``
+    is already past: the masks are hard now and the resume prunes the weights (no 'weights not saved with it')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = sparsetrain.attach(model, optimizer, "srste", structure="2:4", end=0.5, total_steps=20, seed=0)
+    for _ in range(6):
+        nn.functional.cross_entropy(model(torch.randn(8, 16)), torch.randint(0, 4, (8,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = engine.state_dict()
+    assert state["soft"] is True
+    engine.detach_hooks()
+    resumed = sparsetrain.attach(model, optimizer, "srste", structure="2:4", end=0.5, total_steps=8, seed=0, state=state)
+    assert not resumed.stochastic()
+    assert zeros_in_masked_positions(model, resumed.masks) == 0 and resumed.report().global_sparsity == pytest.approx(0.5, abs=0.01)
+    resumed.detach()
