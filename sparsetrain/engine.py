@@ -181,6 +181,7 @@ class SparsityEngine:
         self._loaded_path, self._loaded_key = None, ""  # where it came from (a distributed checkpoint folder)
         self._previous: dict[str, Tensor] = {}  # the previous run's targets, until begin()
         self._grads: dict[int, dict[str, Tensor]] = {}  # by the step whose update needs them
+        self._masked_here: dict[str, tuple[int, int] | None] = {}  # gradients mask_gradients() masked: (id, version)
         self._stepped: dict[int, frozenset[str]] = {}  # targets trained by the optimizer of each step
         self._change_metrics: dict[str, float] = {}
         self._final = False  # finalize="prune" made the masks hard early
@@ -361,8 +362,15 @@ class SparsityEngine:
         if self.masks is None or self.stochastic():
             return
         names = list(self.targets if names is None else names)
-        self._copy_grads(self.step + 1, names)
+        step, masked = self.step + 1, self._masked_here
+        copied = self._grads.get(step, {})
+        # a gradient this call masked before, unchanged since (no backward, no zero_grad), is already masked
+        fresh = [n for n in names if not (n in copied and masked.get(n) == _identity(self.targets[n].grad))]
+        self._copy_grads(step, fresh)
+        if step in self._grads:
+            self._grads[step] = {**copied, **self._grads[step]}
         self._zero_masked_grads(names)
+        masked.update({n: _identity(self.targets[n].grad) for n in names})
 
     def _zero_masked_grads(self, names: Iterable[str]) -> None:
         if self.sparse is not None:  # the sparse kernels write exact zeros at pruned positions themselves
@@ -828,6 +836,11 @@ class SparsityEngine:
         generator = torch.Generator()
         generator.set_state(torch.frombuffer(bytearray(state["generator"]), dtype=torch.uint8))
         self.__dict__.update(state, generator=generator)
+
+
+def _identity(t: Tensor | None) -> tuple[int, int] | None:
+    """A tensor and its in-place version: another value once a backward accumulates into it or zero_grad runs."""
+    return None if t is None else (id(t), t._version)
 
 
 def _mask_change(old: Masks, new: Masks, kept: list[Tensor], shards: Shards | None) -> dict[str, float]:

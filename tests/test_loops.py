@@ -74,16 +74,18 @@ def test_plain_loop_detach_removes_every_hook_and_keeps_the_sparse_weights():
     assert engine.step == 4 and engine.report().zeros < zeros
 
 
-def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None, clip=None):
+def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, state=None, clip=None, mask_calls=1):
     """A plain loop over ``random_loader`` batches ``start..steps-1`` (each batch steps every optimizer once);
-    ``clip``: ``engine.mask_gradients()`` then ``clip_grad_norm_(model.parameters(), clip)`` before the steps."""
+    ``clip``: ``engine.mask_gradients()`` (``mask_calls`` times) then ``clip_grad_norm_(model.parameters(), clip)``
+    before the steps."""
     engine = sparsetrain.attach(model, optimizers, total_steps=steps * len(optimizers), seed=0, state=state, **engine_args)
     batches = [b for _ in range(EPOCHS) for b in random_loader()][start:steps]
     for x, y in batches:
         loss = nn.functional.cross_entropy(model(x), y)
         (scaler.scale(loss) if scaler else loss).backward()
         if clip is not None:
-            engine.mask_gradients()
+            for _ in range(mask_calls):
+                engine.mask_gradients()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         for optimizer in optimizers:
             scaler.step(optimizer) if scaler else optimizer.step()
@@ -94,18 +96,23 @@ def _train(model, optimizers, engine_args, steps=STEPS, scaler=None, start=0, st
     return engine
 
 
-@pytest.mark.parametrize("variant", ["grad_scaler", "mask_then_clip"])
+@pytest.mark.parametrize("variant", ["grad_scaler", "mask_then_clip", "mask_twice_then_clip"])
 def test_a_loop_with_the_usual_extras_makes_the_run_of_the_bare_loop(variant):
     """``grad_scaler``: ``scaler.step`` unscales before the hooks (a power-of-two scale: unscaling is exact).
     ``mask_then_clip``: docs/engine.md's recipe, ``engine.mask_gradients()`` then ``clip_grad_norm_``; the update
-    still ranks the pruned positions by their gradients (an infinite max norm clips nothing)."""
+    still ranks the pruned positions by their gradients (an infinite max norm clips nothing), also when the
+    gradients are masked twice (a helper and the loop) before the step."""
     args = dict(method="rigl", sparsity=0.8, every=3, end=14, distribution="uniform")
     L.seed_everything(0)
     model = TinyNet()
     plain = _train(model, [model.configure_optimizers()], args)
     L.seed_everything(0)
     other_model = TinyNet()
-    extras = dict(scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)) if variant == "grad_scaler" else dict(clip=float("inf"))
+    extras = {
+        "grad_scaler": dict(scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10)),
+        "mask_then_clip": dict(clip=float("inf")),
+        "mask_twice_then_clip": dict(clip=float("inf"), mask_calls=2),
+    }[variant]
     other = _train(other_model, [other_model.configure_optimizers()], args, **extras)
     assert other.step == plain.step == STEPS
     for n, m in plain.masks.items():
