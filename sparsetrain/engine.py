@@ -288,7 +288,7 @@ class SparsityEngine:
         """A model that is already sparse (say, loaded from a sparse run) and new masks that zero its weights."""
         if self.masks is None or before.global_sparsity < ALREADY_SPARSE or self.stochastic():
             return
-        lost = sum(total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards).values())
+        lost = sum(self._nonzero_where_pruned().values())
         if lost:
             _warn(
                 f"sparsetrain: the model is already {before.global_sparsity:.2%} sparse at the start, and the new "
@@ -344,14 +344,14 @@ class SparsityEngine:
 
     def _copy_grads(self, step: int, names: Iterable[str], grad_scale: Tensor | float = 1.0) -> None:
         """Keep the gradients the update of ``step`` ranks by (RigL, GraNet: also at pruned positions), before
-        anything masks them; only targets that really got a gradient from this step."""
+        anything masks them (added to what is kept for ``step``); only targets that really got a gradient."""
         if not self.method.needs_grads(step):
             return
         scaled = not isinstance(grad_scale, float) or grad_scale != 1.0
-        self._grads[step] = {  # FSDP2: the reduce-scattered (averaged) gradient's local piece
+        self._grads.setdefault(step, {}).update({  # FSDP2: the reduce-scattered (averaged) gradient's local piece
             n: local(p.grad).detach() / grad_scale if scaled else local(p.grad).detach().clone()
             for n, p in self.targets.items() if n in names and p.grad is not None
-        }  # fmt: skip
+        })  # fmt: skip
 
     def mask_gradients(self, names: Iterable[str] | None = None) -> None:
         """Zero the gradients of masked weights (of ``names``, default all targets) in one fused pass.
@@ -365,10 +365,7 @@ class SparsityEngine:
         step, masked = self.step + 1, self._masked_here
         copied = self._grads.get(step, {})
         # a gradient this call masked before, unchanged since (no backward, no zero_grad), is already masked
-        fresh = [n for n in names if not (n in copied and masked.get(n) == _identity(self.targets[n].grad))]
-        self._copy_grads(step, fresh)
-        if step in self._grads:
-            self._grads[step] = {**copied, **self._grads[step]}
+        self._copy_grads(step, [n for n in names if not (n in copied and masked.get(n) == _identity(self.targets[n].grad))])
         self._zero_masked_grads(names)
         masked.update({n: _identity(self.targets[n].grad) for n in names})
 
@@ -565,6 +562,11 @@ class SparsityEngine:
 
     # ------------------------------------------------------------- invariant
     @torch.no_grad()
+    def _nonzero_where_pruned(self) -> dict[str, int]:
+        """Per target, the weights that are non-zero at positions its mask prunes (summed over FSDP2 ranks)."""
+        return total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards)
+
+    @torch.no_grad()
     def enforce(self, where: str, writers: Sequence[str] = ()) -> int:
         """The invariant: every masked weight of the model and of its weight copies is exactly 0.
 
@@ -575,7 +577,7 @@ class SparsityEngine:
         """
         if self.masks is None or self.stochastic():
             return 0
-        found = total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards)
+        found = self._nonzero_where_pruned()
         self.apply_masks()
         in_copies = sum(self.mask_copy(copy) for copy in self.copies)
         bad = {n: c for n, c in found.items() if c}
@@ -797,7 +799,7 @@ class SparsityEngine:
         from no checkpoint at all would lose their values to those masks without a word."""
         if self.masks is None or self.stochastic():
             return
-        found = total_counts({n: local(p).ne(0) & ~self.masks[n] for n, p in self.targets.items()}, self.shards)
+        found = self._nonzero_where_pruned()
         wrong = {n: c for n, c in found.items() if c}
         if wrong:
             raise SparsityConfigError(
