@@ -118,6 +118,7 @@ def test_a_loop_with_the_usual_extras_makes_the_run_of_the_bare_loop(variant):
     for n, m in plain.masks.items():
         assert torch.equal(other.masks[n], m), n
     torch.testing.assert_close(other_model.fc1.weight, model.fc1.weight)
+    assert zeros_in_masked_positions(other_model, other.masks) == 0  # counted in the model the user keeps
 
 
 @pytest.mark.parametrize("method,args", [("srste", dict(structure="2:4", every=2, end=12)), ("annealing", dict(sparsity=0.8))])
@@ -324,6 +325,7 @@ def test_lightning_skips_the_update_of_a_step_grad_scaler_skips(fused):
     assert cb.engine.step == 4
     for n, m in before.items():
         assert torch.equal(cb.engine.masks[n], m), n
+    assert zeros_in_masked_positions(model, cb.engine.masks) == 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 class _Checkpointed(nn.Module):
