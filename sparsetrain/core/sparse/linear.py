@@ -81,6 +81,17 @@ def _row_major(y2: Tensor, leading: torch.Size, dtype: torch.dtype) -> Tensor:
     return y
 
 
+def _transposed(a: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a^T`` (``a`` 2-D) as a contiguous tensor in ``dtype``: one copy (none if ``a`` is a transposed view already
+    in ``dtype``). The CSR product reads its dense operand row-major (a transposed operand costs MKL a copy of its
+    own), and ``sampled_addmm`` on the CPU takes its first operand and the transpose of its second contiguous, so
+    ``X^T`` and ``dY^T`` made once serve every product of a layer."""
+    at = a.t()
+    if at.dtype == dtype and at.is_contiguous():
+        return at
+    return torch.empty(at.shape, dtype=dtype, device=a.device).copy_(at)
+
+
 def _not_a_view(y: Tensor) -> Tensor:
     """The output of an autograd Function must not be a view: an in-place op on it (``nn.ReLU(inplace=True)``
     after the layer) is refused by autograd. A view is copied, row-major."""
@@ -91,16 +102,12 @@ class _CsrLinear(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool, dtype: torch.dtype):
-        x2 = x.reshape(-1, pattern.in_features)
         kdt = kernel_dtype(x.device, dtype)
+        xt = _transposed(x.reshape(-1, pattern.in_features), kdt)  # X^T: the CSR product's operand, and the weight gradient's
         values = pattern.values(weight).to(kdt)
-        xk = x2.to(kdt)
         m = pattern.csr(values)
-        if bias is None:
-            yt = torch.mm(m, xk.t())
-        else:
-            yt = torch.addmm(bias.to(kdt).unsqueeze(1), m, xk.t())
-        ctx.save_for_backward(xk, values, weight)
+        yt = torch.mm(m, xt) if bias is None else torch.addmm(bias.to(kdt).unsqueeze(1), m, xt)
+        ctx.save_for_backward(xt, values, weight)
         ctx.pattern, ctx.dense_grad, ctx.x_shape, ctx.x_dtype = pattern, dense_grad, x.shape, x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -109,21 +116,21 @@ class _CsrLinear(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, dy: Tensor):
-        xk, values, weight = ctx.saved_tensors
+        xt, values, weight = ctx.saved_tensors
         pattern: SparsePattern = ctx.pattern
-        dy2 = dy.reshape(-1, pattern.out_features).to(xk.dtype)
+        dyt = _transposed(dy.reshape(-1, pattern.out_features), xt.dtype)  # dY^T
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(pattern.csr_t(values), dy2.t()).t().to(ctx.x_dtype).reshape(ctx.x_shape)
+            dx = _row_major(torch.mm(pattern.csr_t(values), dyt).t(), ctx.x_shape[:-1], ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             if ctx.dense_grad:
-                full = dy2.t() @ xk
-                dw = (full.t() if pattern.transposed else full).to(weight.dtype).reshape(pattern.stored_shape).contiguous()
+                full = xt @ dyt.t() if pattern.transposed else dyt @ xt.t()  # the stored layout, (in, out) or (out, in)
+                dw = full.to(weight.dtype).reshape(pattern.stored_shape)
             else:
-                kept = torch.sparse.sampled_addmm(pattern.csr(values), dy2.t(), xk, beta=0.0).values()
+                kept = torch.sparse.sampled_addmm(pattern.csr(values), dyt, xt.t(), beta=0.0).values()
                 dw = pattern.weight_grad(kept, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0).to(ctx.bias_dtype)
+            db = dyt.sum(1).to(ctx.bias_dtype)
         return dx, dw, db, None, None, None
 
 
