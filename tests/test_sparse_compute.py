@@ -76,6 +76,35 @@ def test_weight_grad_is_a_reused_buffer_and_accumulates_correctly():
     csr_linear(x, weight, None, pattern).sum().backward()
     assert torch.allclose(weight.grad, first) and torch.all(weight.grad[~mask] == 0)
 
+@pytest.mark.parametrize("write", ["add_", "foreach_add_", "copy_", "zero_grad_keep"])
+def test_a_gradient_written_in_place_between_steps_leaves_no_value_at_pruned_positions(write):
+    """The reused buffer skips its zeroing while nothing wrote it; anything that did (noise added in place, an
+    all-reduce copying into it, a foreach op) must not leak into the next step's gradient at pruned positions."""
+    weight, mask = masked_weight((8, 6))
+    pattern = SparsePattern(mask)
+    x = torch.randn(4, 6)
+    opt = torch.optim.SGD([weight], lr=0.0)
+    csr_linear(x, weight, None, pattern).sum().backward()
+    expected = weight.grad.clone()
+    with torch.no_grad():
+        if write == "add_":
+            weight.grad.add_(1.0)
+        elif write == "foreach_add_":
+            torch._foreach_add_([weight.grad], 1.0)
+        elif write == "copy_":
+            weight.grad.copy_(torch.ones_like(weight.grad))
+    opt.zero_grad(set_to_none=write != "zero_grad_keep")
+    if write == "zero_grad_keep":
+        weight.grad.add_(1.0)  # held by .grad: the next gradient is a new tensor added in
+        expected = expected + 1.0
+    else:
+        assert weight.grad is None
+    csr_linear(x, weight, None, pattern).sum().backward()
+    assert torch.equal(weight.grad, expected)
+    if write != "zero_grad_keep":
+        assert torch.all(weight.grad[~mask] == 0) and weight.grad.data_ptr() == pattern._grad_buffer.data_ptr()
+
+
 
 def test_dense_grad_option_gives_the_full_gradient():
     weight, mask = masked_weight((8, 6))

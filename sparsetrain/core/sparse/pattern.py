@@ -66,6 +66,7 @@ class SparsePattern:
         stride_out, stride_in = (1, self.out_features) if transposed else (self.in_features, 1)
         self.flat = rows * stride_out + cols * stride_in
         self._grad_buffer: Tensor | None = None
+        self._grad_buffer_version = -1
 
     @property
     def density(self) -> float:
@@ -92,28 +93,34 @@ class SparsePattern:
         """The dense gradient of the stored ``weight``: ``values`` (CSR order) at kept positions, exact zeros elsewhere.
 
         The result is a fresh view of a buffer kept from step to step: autograd takes it as
-        ``weight.grad`` without a copy (a view no one else references), and the buffer is zeroed
-        in place (a pass over warm memory) instead of allocating a new dense tensor per step, whose
-        pages the allocator maps afresh each time (about 10x slower on the CPU). The buffer is not
-        reused while ``weight.grad`` still holds it (gradient accumulation, ``zero_grad(set_to_none=False)``):
-        then the gradient is a new tensor that autograd adds in.
+        ``weight.grad`` without a copy (a view no one else references), and the buffer is reused
+        instead of allocating a new dense tensor per step, whose pages the allocator maps afresh
+        each time (about 10x slower on the CPU). Only the kept positions are written: the pruned ones
+        are still zero from the last step unless something wrote the buffer in place since (its
+        version counter moved: clipping's multiply, an all-reduce, ``zero_grad(set_to_none=False)``),
+        and then it is zeroed first (a write through ``.data`` moves no counter and is not seen). The
+        buffer is not reused while ``weight.grad`` still holds it (gradient accumulation,
+        ``zero_grad(set_to_none=False)``): then the gradient is a new tensor that autograd adds in.
         """
         buffer = self._grad_buffer
         if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
             buffer = self._grad_buffer = torch.zeros(self.stored_shape, dtype=weight.dtype, device=weight.device)
         elif weight.grad is not None and weight.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
             buffer = torch.zeros(self.stored_shape, dtype=weight.dtype, device=weight.device)
-        else:
+        elif buffer._version != self._grad_buffer_version:
             buffer.zero_()
         buffer.view(-1).index_copy_(0, self.flat, values.to(weight.dtype))
+        if buffer is self._grad_buffer:
+            self._grad_buffer_version = buffer._version  # zero at pruned positions while it stays at this version
         return buffer.view(self.stored_shape)
 
     def release(self) -> None:
         """Drop the gradient buffer (it is rebuilt on the next backward)."""
         self._grad_buffer = None
+        self._grad_buffer_version = -1
 
     def __getstate__(self) -> dict:  # the buffer is scratch space, not state
-        return {**self.__dict__, "_grad_buffer": None}
+        return {**self.__dict__, "_grad_buffer": None, "_grad_buffer_version": -1}
 
 
 def _crow(rows: Tensor, n_rows: int) -> Tensor:
