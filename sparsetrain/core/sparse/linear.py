@@ -75,21 +75,29 @@ def _without_autocast(fn):
 def _row_major(y2: Tensor, leading: torch.Size, dtype: torch.dtype) -> Tensor:
     """``y2`` (``(rows, features)``, any strides) as the ``(*leading, features)`` result ``nn.Linear`` gives:
     row-major (``.view`` on it works, attention kernels get a contiguous last dim) and its own base, not a view
-    (autograd allows an in-place op after the layer, ``nn.ReLU(inplace=True)``). One copy, in ``dtype``."""
+    (autograd allows an in-place op after the layer, ``nn.ReLU(inplace=True)``). One copy in ``dtype``; when
+    that is narrower (float32 kernels, bf16 result) the cast comes first, in ``y2``'s own layout, so the
+    reordering copy moves the narrow values and takes torch's blocked transpose (a cast and a reorder in one
+    strided copy measured 3x slower)."""
     y = torch.empty((*leading, y2.shape[1]), dtype=dtype, device=y2.device)
+    if y2.dtype != dtype and y2.element_size() > y.element_size():
+        y2 = y2.to(dtype)  # keeps y2's strides
     y.view(-1, y2.shape[1]).copy_(y2)
     return y
 
 
 def _transposed(a: Tensor, dtype: torch.dtype) -> Tensor:
-    """``a^T`` (``a`` 2-D) as a contiguous tensor in ``dtype``: one copy (none if ``a`` is a transposed view already
-    in ``dtype``). The CSR product reads its dense operand row-major (a transposed operand costs MKL a copy of its
-    own), and ``sampled_addmm`` on the CPU takes its first operand and the transpose of its second contiguous, so
-    ``X^T`` and ``dY^T`` made once serve every product of a layer."""
+    """``a^T`` (``a`` 2-D) as a contiguous tensor in ``dtype``: one reordering copy (none if ``a`` is a transposed
+    view already), done in the narrower of the two dtypes (see :func:`_row_major`). The CSR product reads its
+    dense operand row-major (a transposed operand costs MKL a copy of its own), and ``sampled_addmm`` on the
+    CPU takes its first operand and the transpose of its second contiguous, so ``X^T`` and ``dY^T`` made once
+    serve every product of a layer."""
     at = a.t()
-    if at.dtype == dtype and at.is_contiguous():
-        return at
-    return torch.empty(at.shape, dtype=dtype, device=a.device).copy_(at)
+    if not at.is_contiguous():
+        if at.dtype != dtype and at.element_size() > torch.empty((), dtype=dtype).element_size():
+            at = at.to(dtype)
+        at = at.contiguous()
+    return at.to(dtype)
 
 
 def _not_a_view(y: Tensor) -> Tensor:
