@@ -42,20 +42,33 @@ class MLP(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
+class SequentialMLP(MLP):
+    """The same layers in an ``nn.Sequential``: each CSR layer hands its output to the next in the CSR layout."""
+
+    def __init__(self):
+        super().__init__()
+        del self.fc1, self.fc2, self.fc3
+        self.body = nn.Sequential(nn.Linear(64, 96), nn.ReLU(inplace=True), nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 10))
+
+    def forward(self, x):
+        return self.body(x.flatten(1))
+
+
 class Kernels(L.Callback):
     """What ran each target layer, after every training batch (``compute="masked"``: nothing)."""
 
     def __init__(self, cb):
-        self.cb, self.choices = cb, []
+        self.cb, self.choices, self.links = cb, [], []
 
     def on_train_batch_end(self, trainer, *args):
         sparse = self.cb.engine.sparse
         self.choices.append({} if sparse is None else {r["layer"]: r["choice"] for r in sparse.table()})
+        self.links.append({} if sparse is None else {r["layer"]: r["feeds"] for r in sparse.table() if "feeds" in r})
 
 
-def fit(compute: str, args: dict):
+def fit(compute: str, args: dict, model_class=MLP):
     L.seed_everything(0)
-    model, cb = MLP(), SparsityCallback(seed=0, compute=compute, **args)
+    model, cb = model_class(), SparsityCallback(seed=0, compute=compute, **args)
     cb.kernels = Kernels(cb)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,6 +93,18 @@ def test_sparse_kernels_give_the_masks_and_weights_of_the_masked_path(name, comp
     else:  # auto decides every layer at its first forward, and again at the forward after a mask change
         choices = cb_sparse.kernels.choices
         assert set(choices[0].values()) <= {"csr", "masked"} and all(set(c.values()) <= {"csr", "masked", "undecided"} for c in choices)
+
+
+@pytest.mark.parametrize("name", ["static", "rigl", "granet"])
+def test_linked_layers_in_a_sequential_give_the_masks_and_weights_of_the_masked_path(name):
+    masked, cb_masked = fit("masked", METHODS[name], SequentialMLP)
+    sparse, cb_sparse = fit("sparse", METHODS[name], SequentialMLP)
+    assert all(links == {"body.0.weight": "body.2.weight", "body.2.weight": "body.4.weight"} for links in cb_sparse.kernels.links)
+    for n, m in cb_masked.masks.items():
+        assert torch.equal(cb_sparse.masks[n], m), n
+        assert int(sparse.get_parameter(n)[~m].ne(0).sum()) == 0, n
+    for n, p in masked.named_parameters():
+        torch.testing.assert_close(sparse.get_parameter(n), p, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_rigl_ranks_growth_by_the_dense_gradient_on_its_update_steps_only():

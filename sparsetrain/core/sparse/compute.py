@@ -40,6 +40,10 @@ A weight used *outside* its module's forward (a parent calling ``F.linear(x, chi
 not seen by the hooks; its gradient then has non-zeros at pruned positions, which
 :meth:`SparseCompute.verify_grads` (one pass, e.g. after the first step) reports.
 
+Inside ``nn.Sequential``, timm's ``Mlp`` and Hugging Face's ``GPT2MLP``, a CSR layer whose output reaches
+the next CSR layer through elementwise modules only hands it over in the CSR layout, saving two reordering
+copies in the forward and two in the backward (:mod:`.chains`; ``table()`` names the layer it ``feeds``).
+
 In ``auto`` each layer is timed at its first training forward (and again after a mask change that
 moves its density to another bucket): masked dense vs each sparse kernel for the real shape, input
 rows, dtype, thread count and pattern (:mod:`.calibrate`); results are cached per key for the run and
@@ -58,7 +62,7 @@ from torch.overrides import TorchFunctionMode
 
 from sparsetrain.core.errors import SparsityConfigError
 from sparsetrain.core.shards import DTensor
-from sparsetrain.core.sparse import calibrate
+from sparsetrain.core.sparse import calibrate, chains
 from sparsetrain.core.sparse.linear import (
     SemiStructuredPattern,
     csr_conv1x1,
@@ -111,6 +115,14 @@ class _Layer:
     foreign: bool = False  # the forward uses the weight in a call the kernels do not replace: masked for good
     handles: list = field(default_factory=list)
     mode: TorchFunctionMode | None = None
+    feeds: _Layer | None = None  # in `scope`'s forward, the CSR layer its output reaches through elementwise modules only
+    scope: _Scope | None = None
+
+    @property
+    def features_slowest(self) -> bool:
+        """Return the output in the CSR product's own layout (:mod:`.chains`): called by its container, with this
+        layer and the one it feeds both on CSR."""
+        return self.choice == "csr" and self.feeds is not None and self.feeds.choice == "csr" and self.scope.depth > 0
 
     @property
     def transposed(self) -> bool:
@@ -168,6 +180,7 @@ class SparseCompute:
         self.layers: dict[str, _Layer] = {}
         self._target_names = list(targets)
         self._cache: dict[tuple, dict[str, float]] = {}
+        self._scopes: dict[int, _Scope] = {}
         uses = _uses(model, targets)
         for name, param in targets.items():
             reason, owner = _refusal(name, param, uses.get(name, []), model)
@@ -185,7 +198,18 @@ class SparseCompute:
         missing = [n for n in self.layers if n not in masks]
         if missing:
             raise SparsityConfigError(f"SparseCompute: no mask for {', '.join(missing)}")
+        csr_modules = {id(layer.module): n for n, layer in self.layers.items() if layer.kind in ("linear", "hf_conv1d")}
+        links = chains.links(model, csr_modules)  # before our own hooks are on the modules
         self.update_masks(masks)
+        self._link(links)
+
+    def _link(self, links: dict[str, tuple[str, nn.Module]]) -> None:
+        """Let the layers hand their output to the next CSR layer in the CSR layout (:mod:`.chains`), with the hooks
+        that tell when their container runs."""
+        for producer, (consumer, container) in links.items():
+            if id(container) not in self._scopes:
+                self._scopes[id(container)] = _Scope(container)
+            self.layers[producer].feeds, self.layers[producer].scope = self.layers[consumer], self._scopes[id(container)]
 
     # ------------------------------------------------------------------ engine-facing
     def update_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -264,6 +288,8 @@ class SparseCompute:
                 "rows": layer.rows, "dtype": str(layer.weight.dtype).replace("torch.", ""),
                 "threads": torch.get_num_threads(), "choice": layer.choice or "undecided", "reason": layer.reason,
             }  # fmt: skip
+            if layer.feeds is not None:
+                row["feeds"] = layer.feeds.name
             row.update({f"ms_{k}": round(v, 3) for k, v in layer.timings.items()})
             rows.append(row)
         return rows
@@ -274,7 +300,9 @@ class SparseCompute:
             _unhook(layer)
             if layer.pattern is not None:
                 layer.pattern.release()
-        self.layers = {}
+        for scope in self._scopes.values():
+            scope.remove()
+        self.layers, self._scopes = {}, {}
 
     # ------------------------------------------------------------------ the forward
     def _run(self, layer: _Layer, func, args: tuple, kwargs: dict, x: Tensor, bias: Tensor | None):
@@ -332,16 +360,16 @@ _DENSE_PRODUCTS = {  # the masked path's product for each kind of layer, from th
 def _sparse_product(layer: _Layer, kernel: str):
     """``f(x, weight, bias, dense_grad, dtype, pattern=layer's)``: the layer's product on ``kernel``."""
     if kernel == "2:4":
-        fn = semi_structured_linear
-    else:
-        fn = csr_conv1x1 if layer.kind == "conv1x1" else csr_linear
-
-    def product(x, weight, bias, dense_grad, dtype, pattern=None):
-        if pattern is None:
-            pattern = layer.semi if kernel == "2:4" else layer.pattern
-        return fn(x, weight, bias, pattern, dense_grad, dtype)
-
-    return product
+        return lambda x, weight, bias, dense_grad, dtype, pattern=None: semi_structured_linear(
+            x, weight, bias, layer.semi if pattern is None else pattern, dense_grad, dtype
+        )
+    if layer.kind == "conv1x1":
+        return lambda x, weight, bias, dense_grad, dtype, pattern=None: csr_conv1x1(
+            x, weight, bias, layer.pattern if pattern is None else pattern, dense_grad, dtype
+        )
+    return lambda x, weight, bias, dense_grad, dtype, pattern=None: csr_linear(
+        x, weight, bias, layer.pattern if pattern is None else pattern, dense_grad, dtype, layer.features_slowest
+    )
 
 
 def _rows(layer: _Layer, x: Tensor) -> int:
@@ -446,6 +474,42 @@ class _Exit(_Enter):
             self.layer.mode.__exit__(None, None, None)
             if self.layer.choice == "masked":  # decided (auto): no interception cost from now on
                 _unhook(self.layer)
+
+
+class _Scope:
+    """Counts the forwards of a container with links that are in progress (a pre-hook and an always-called forward
+    hook on it): a linked layer returns the CSR layout only while its container's forward calls it."""
+
+    def __init__(self, container: nn.Module):
+        self.depth = 0
+        self.handles = [
+            container.register_forward_pre_hook(_ScopeEnter(self)),
+            container.register_forward_hook(_ScopeExit(self), always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _ScopeEnter:
+    """Copies (deepcopy, pickle) are inert, as :class:`_Enter`'s."""
+
+    def __init__(self, scope: _Scope):
+        self.scope = scope
+
+    def __call__(self, module, args):
+        if self.scope is not None:
+            self.scope.depth += 1
+
+    def __getstate__(self):
+        return {"scope": None}
+
+
+class _ScopeExit(_ScopeEnter):
+    def __call__(self, module, args, output):
+        if self.scope is not None:
+            self.scope.depth -= 1
 
 
 def refusals(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, str]:

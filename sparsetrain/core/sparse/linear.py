@@ -13,6 +13,13 @@ flattened to ``(rows, in)`` (any leading dims),
   instead (for a drop-and-grow update that ranks pruned positions by gradient);
 * bias gradient: ``db = sum_r dY[r]``.
 
+Layouts: the CSR product reads its dense operand row-major and computes the transpose of what a layer
+returns, so ``X^T`` and ``dY^T`` are made once per layer (one reordering copy each, none when the tensor is
+already stored that way) and serve every product, and ``Y`` and ``dX`` are reordered into the row-major
+layout ``nn.Linear`` gives (one copy each). ``features_slowest=True`` skips the copy of ``Y``: the result is
+stored as ``Y^T``, for a consumer known to take any layout (:mod:`.chains`); the next CSR layer then reads
+it without a copy, and the input gradient always comes back in the layout of the input.
+
 :func:`csr_conv1x1` runs a 1x1 convolution as that product on the channels-last view of its input.
 
 The parameter, its ``.grad`` and the optimizer see dense tensors of the usual shapes. Where the
@@ -109,17 +116,21 @@ def _not_a_view(y: Tensor) -> Tensor:
 class _CsrLinear(torch.autograd.Function):
     @staticmethod
     @_without_autocast
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool, dtype: torch.dtype):
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool, dtype: torch.dtype,
+                features_slowest: bool):  # fmt: skip
         kdt = kernel_dtype(x.device, dtype)
-        xt = _transposed(x.reshape(-1, pattern.in_features), kdt)  # X^T: the CSR product's operand, and the weight gradient's
+        x2 = x.reshape(-1, pattern.in_features)
+        xt = _transposed(x2, kdt)  # X^T: the CSR product's operand, and the weight gradient's
         values = pattern.values(weight).to(kdt)
         m = pattern.csr(values)
-        yt = torch.mm(m, xt) if bias is None else torch.addmm(bias.to(kdt).unsqueeze(1), m, xt)
+        bias_column = None if bias is None else bias.to(kdt).unsqueeze(1)
+        y = _result(lambda out: _csr_mm(m, xt, bias_column, out), x.shape[:-1], pattern.out_features, dtype, kdt, features_slowest, x.device)
         ctx.save_for_backward(xt, values, weight)
         ctx.pattern, ctx.dense_grad, ctx.x_shape, ctx.x_dtype = pattern, dense_grad, x.shape, x.dtype
+        ctx.x_features_slowest = _is_features_slowest(x2)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return _row_major(yt.t(), x.shape[:-1], dtype)
+        return y
 
     @staticmethod
     @_without_autocast
@@ -128,8 +139,10 @@ class _CsrLinear(torch.autograd.Function):
         pattern: SparsePattern = ctx.pattern
         dyt = _transposed(dy.reshape(-1, pattern.out_features), xt.dtype)  # dY^T
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = _row_major(torch.mm(pattern.csr_t(values), dyt).t(), ctx.x_shape[:-1], ctx.x_dtype)
+        if ctx.needs_input_grad[0]:  # in the input's layout: row-major, or features-slowest from a linked layer
+            mt = pattern.csr_t(values)
+            dx = _result(lambda out: _csr_mm(mt, dyt, None, out), ctx.x_shape[:-1], pattern.in_features, ctx.x_dtype, xt.dtype,
+                         ctx.x_features_slowest, dyt.device)  # fmt: skip
         if ctx.needs_input_grad[1]:
             if ctx.dense_grad:
                 full = xt @ dyt.t() if pattern.transposed else dyt @ xt.t()  # the stored layout, (in, out) or (out, in)
@@ -139,18 +152,58 @@ class _CsrLinear(torch.autograd.Function):
                 dw = pattern.weight_grad(kept, weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dyt.sum(1).to(ctx.bias_dtype)
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def csr_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool = False, dtype: torch.dtype | None = None) -> Tensor:
+def _csr_mm(m: Tensor, dense: Tensor, bias_column: Tensor | None, out: Tensor | None) -> Tensor:
+    """``m @ dense`` (+ ``bias_column`` broadcast over the columns), into ``out`` if given."""
+    if bias_column is None:
+        return torch.mm(m, dense, out=out)
+    return torch.addmm(bias_column, m, dense, out=out)
+
+
+def _result(product, leading: torch.Size, features: int, dtype: torch.dtype, kdt: torch.dtype, features_slowest: bool,
+            device: torch.device) -> Tensor:  # fmt: skip
+    """The ``(*leading, features)`` result of a CSR product that computes its transpose: ``product(out)`` gives
+    the ``(features, rows)`` matrix in ``kdt`` (written into ``out`` if not ``None``). Row-major by default
+    (:func:`_row_major`, one reordering copy); ``features_slowest``: stored as that matrix, the leading dims
+    row-major inside it, so the product writes straight into it (no copy when ``dtype`` is ``kdt``). Either
+    way the result is its own base, not a view."""
+    rows = leading.numel()
+    if not features_slowest or rows < 2 or features < 2:
+        return _row_major(product(None).t(), leading, dtype)
+    strides, step = [], 1
+    for size in reversed(leading):
+        strides.append(step)
+        step *= size
+    y = torch.empty_strided((*leading, features), (*reversed(strides), rows), dtype=dtype, device=device)
+    target = y.view(rows, features).t()  # (features, rows), contiguous
+    if dtype == kdt:
+        product(target)
+    else:
+        target.copy_(product(None))
+    return y
+
+
+def _is_features_slowest(x2: Tensor) -> bool:
+    """``x2`` (rows, features) is stored as its transpose (and is not a degenerate shape where both layouts agree)."""
+    return x2.shape[0] > 1 and x2.shape[1] > 1 and x2.t().is_contiguous()
+
+
+def csr_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool = False,
+    dtype: torch.dtype | None = None, features_slowest: bool = False,
+) -> Tensor:  # fmt: skip
     """``x @ M^T + bias`` with ``M`` the kept entries of ``weight`` (stored layout per ``pattern``).
 
     ``dtype``: the dtype of the result (default ``x.dtype``; pass the autocast dtype under autocast, which
-    the kernels themselves run without). The
-    gradient of ``weight`` is dense with exact zeros at pruned positions, or the full dense gradient
-    with ``dense_grad=True``.
+    the kernels themselves run without). The gradient of ``weight`` is dense with exact zeros at pruned
+    positions, or the full dense gradient with ``dense_grad=True``. The result is row-major, as
+    ``nn.Linear``'s; ``features_slowest=True`` returns it stored as its transpose instead (no reordering
+    copy; for a consumer that is known to take any layout, see :mod:`.chains`). An input stored that way
+    is read without a copy, and its gradient comes back in the same layout.
     """
-    return _CsrLinear.apply(x, weight, bias, pattern, dense_grad, dtype or x.dtype)
+    return _CsrLinear.apply(x, weight, bias, pattern, dense_grad, dtype or x.dtype, features_slowest)
 
 
 def csr_conv1x1(x: Tensor, weight: Tensor, bias: Tensor | None, pattern: SparsePattern, dense_grad: bool = False, dtype: torch.dtype | None = None) -> Tensor:
