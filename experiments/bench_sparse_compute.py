@@ -23,7 +23,9 @@ counted op by op with ``timing.LiveBytes``, on CUDA ``torch.cuda.max_memory_allo
 variant / masked.
 
 Models: ``mlp4096`` 1024-4096-4096-1024 (batch 256), ``vitb_mlp`` 768-3072-768 (batch 512, a ViT-B MLP),
-``lenet`` 784-300-100-10 (batch 256), all with GELU between layers and cross-entropy on the last;
+``lenet`` 784-300-100-10 (batch 256), all ``nn.Sequential`` with GELU between layers and cross-entropy on the
+last (the sparse layers are linked: ``sparsetrain.core.sparse.chains``; ``<name>_unlinked``, not in the default
+run, is the same MLP called from a forward of its own, where every layer returns the row-major layout);
 ``vit_s`` timm ``vit_small_patch16_224`` at 224x224 (batch 16, 1000 classes); ``gpt2_block`` one Hugging
 Face ``GPT2Block`` of GPT-2 small's shape (768 wide, 12 heads, MLP 3072, its four ``Conv1D`` layers) on
 sequences of 256 (batch 4), mean-square loss. CPU runs are float32; ``--device cuda`` runs under bf16
@@ -67,12 +69,24 @@ SPARSITIES = (0.8, 0.9, 0.95, 0.98)
 WARMUP = 2
 # rounds x steps per model on the CPU (a ViT-S step takes seconds, a LeNet step milliseconds)
 SCHEDULE = {"mlp4096": (5, 3), "vitb_mlp": (5, 4), "lenet": (7, 20), "vit_s": (3, 1), "gpt2_block": (5, 3)}
+SCHEDULE.update({f"{m}_unlinked": SCHEDULE[m] for m in ("mlp4096", "vitb_mlp", "lenet")})
 MASK_KERNEL = MaskKernel("eager")
 warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
 warnings.filterwarnings("ignore", message=".*SparseSemiStructuredTensor.*prototype.*")
 
 
-class MLP(nn.Module):
+def mlp(dims) -> nn.Sequential:
+    """Linear layers with GELU between, as an ``nn.Sequential``: the sparse layers are linked (each hands its
+    output to the next in the CSR layout, ``sparsetrain.core.sparse.chains``)."""
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.GELU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class UnlinkedMLP(nn.Module):
+    """The same layers called from a forward of its own: no links (every layer returns nn.Linear's row-major layout)."""
+
     def __init__(self, dims):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
@@ -89,10 +103,11 @@ def build(name: str, device: str) -> tuple[nn.Module, tuple, callable]:
     """The model, one batch, and the loss of a forward on it."""
     torch.manual_seed(0)
     ce = lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])  # noqa: E731
-    if name in ("mlp4096", "vitb_mlp", "lenet"):
+    if name.removesuffix("_unlinked") in ("mlp4096", "vitb_mlp", "lenet"):
         dims, batch = {"mlp4096": ((1024, 4096, 4096, 1024), 256), "vitb_mlp": ((768, 3072, 768), 512),
-                       "lenet": ((784, 300, 100, 10), 256)}[name]  # fmt: skip
-        model, data, loss = MLP(dims), (torch.randn(batch, dims[0]), torch.randint(0, dims[-1], (batch,))), ce
+                       "lenet": ((784, 300, 100, 10), 256)}[name.removesuffix("_unlinked")]  # fmt: skip
+        model = UnlinkedMLP(dims) if name.endswith("_unlinked") else mlp(dims)
+        model, data, loss = model, (torch.randn(batch, dims[0]), torch.randint(0, dims[-1], (batch,))), ce
     elif name == "vit_s":
         import timm
 
@@ -108,7 +123,7 @@ def build(name: str, device: str) -> tuple[nn.Module, tuple, callable]:
         data = (torch.randn(4, 256, 768),)
         loss = lambda model, batch: model(batch[0]).float().square().mean()  # noqa: E731
     else:
-        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)} (an MLP's name + '_unlinked': its layers without links)")
     return model.to(device), tuple(t.to(device) for t in data), loss
 
 
