@@ -339,8 +339,9 @@ class SparseCompute:
             bias_features = None if bias is None else bias.numel()
             self._cache[key] = calibrate.time_layer(products, layer.mask, x, w.dtype, bias_features, autocast_dtype)
         layer.timings, layer.rows = self._cache[key], _rows(layer, x)
-        layer.choice = min(layer.timings, key=layer.timings.get)
-        layer.reason = "measured fastest"
+        layer.choice = calibrate.choose(layer.timings)
+        fastest = min(layer.timings, key=layer.timings.get)
+        layer.reason = "measured fastest" if layer.choice == fastest else f"{fastest} not {calibrate.MARGIN:.0%} faster than masked"
 
     def _foreign_use(self, layer: _Layer, func) -> None:
         what = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
