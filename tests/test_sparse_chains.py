@@ -53,15 +53,21 @@ def features_slowest(t: torch.Tensor) -> bool:
     return t.reshape(-1, t.shape[-1]).t().is_contiguous()
 
 
-def test_links_in_sequential_timm_mlp_and_gpt2_mlp():
+def test_links_in_a_sequential():
     seq = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Dropout(0.0), nn.Identity(), nn.Linear(16, 16), nn.ReLU(inplace=True),
                         nn.Linear(16, 4))  # fmt: skip
     assert links(sparse_model(seq)[2]) == {"0.weight": "4.weight", "4.weight": "6.weight"}
 
-    from timm.layers import Mlp
 
-    assert links(sparse_model(Mlp(8, 32, 8))[2]) == {"fc1.weight": "fc2.weight"}
+def test_links_in_timm_mlp():
+    timm_layers = pytest.importorskip("timm.layers")  # the apps extra
+    assert links(sparse_model(timm_layers.Mlp(8, 32, 8))[2]) == {"fc1.weight": "fc2.weight"}
+    with_norm = timm_layers.Mlp(8, 32, 8, norm_layer=nn.LayerNorm)  # a LayerNorm between: no link
+    assert links(sparse_model(with_norm)[2]) == {}
 
+
+def test_links_in_hugging_face_gpt2_mlp():
+    pytest.importorskip("transformers")  # the hf extra
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
@@ -144,7 +150,7 @@ def test_linked_layers_give_the_masked_results_and_only_the_container_sees_the_l
 
 
 def test_bf16_autocast_through_a_timm_mlp():
-    from timm.layers import Mlp
+    Mlp = pytest.importorskip("timm.layers").Mlp  # the apps extra
 
     torch.manual_seed(0)
     model, twin, compute, masks = sparse_model(Mlp(16, 48, 16))
