@@ -112,11 +112,15 @@ def test_no_link_where_something_else_could_see_the_tensor(build, why):
 
 
 def test_a_layer_used_at_two_places_is_never_a_producer():
-    model, twin, compute, _ = sparse_model(_shared_producer())
+    model, twin, compute, masks = sparse_model(_shared_producer())
     assert links(compute) == {"2.weight": "0.weight"}  # the middle layer feeds the shared one, which accepts any layout
     x = torch.randn(5, 8)
     torch.testing.assert_close(model(x), twin(x), rtol=1e-5, atol=1e-6)
     assert model(x).is_contiguous()
+    model(x).square().sum().backward()  # the shared layer's two gradients meet in autograd's buffer: both must survive
+    twin(x).square().sum().backward()
+    for name, mask in masks.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, twin.get_parameter(name).grad * mask, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("leading", [(24,), (3, 8)], ids=["2d", "3d"])

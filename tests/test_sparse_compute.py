@@ -76,6 +76,20 @@ def test_weight_grad_is_a_reused_buffer_and_accumulates_correctly():
     csr_linear(x, weight, None, pattern).sum().backward()
     assert torch.allclose(weight.grad, first) and torch.all(weight.grad[~mask] == 0)
 
+def test_a_gradient_the_caller_keeps_is_not_overwritten_by_the_next_backward():
+    weight, mask = masked_weight((8, 6))
+    pattern = SparsePattern(mask)
+    first = torch.autograd.grad(csr_linear(torch.randn(4, 6), weight, None, pattern).sum(), weight)[0]
+    kept = first.clone()
+    second = torch.autograd.grad(csr_linear(torch.randn(4, 6), weight, None, pattern).sum(), weight)[0]
+    assert torch.equal(first, kept) and not torch.equal(second, kept)
+    old = second
+    del first, second
+    weight.grad = None
+    csr_linear(torch.randn(4, 6), weight, None, pattern).sum().backward()  # `old` still held: a new tensor
+    assert weight.grad.data_ptr() != old.data_ptr()
+
+
 @pytest.mark.parametrize("write", ["add_", "foreach_add_", "copy_", "zero_grad_keep"])
 def test_a_gradient_written_in_place_between_steps_leaves_no_value_at_pruned_positions(write):
     """The reused buffer skips its zeroing while nothing wrote it; anything that did (noise added in place, an

@@ -99,13 +99,14 @@ class SparsePattern:
         are still zero from the last step unless something wrote the buffer in place since (its
         version counter moved: clipping's multiply, an all-reduce, ``zero_grad(set_to_none=False)``),
         and then it is zeroed first (a write through ``.data`` moves no counter and is not seen). The
-        buffer is not reused while ``weight.grad`` still holds it (gradient accumulation,
-        ``zero_grad(set_to_none=False)``): then the gradient is a new tensor that autograd adds in.
+        buffer is not reused while any tensor still uses it (``weight.grad`` under gradient accumulation
+        or ``zero_grad(set_to_none=False)``, the first of two gradients of a layer called twice in one
+        forward, a gradient the caller kept): then the gradient is a new tensor.
         """
         buffer = self._grad_buffer
         if buffer is None or buffer.dtype != weight.dtype or buffer.device != weight.device:
             buffer = self._grad_buffer = torch.zeros(self.stored_shape, dtype=weight.dtype, device=weight.device)
-        elif weight.grad is not None and weight.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr():
+        elif _in_use(buffer):
             buffer = torch.zeros(self.stored_shape, dtype=weight.dtype, device=weight.device)
         elif buffer._version != self._grad_buffer_version:
             buffer.zero_()
@@ -121,6 +122,13 @@ class SparsePattern:
 
     def __getstate__(self) -> dict:  # the buffer is scratch space, not state
         return {**self.__dict__, "_grad_buffer": None, "_grad_buffer_version": -1}
+
+
+def _in_use(buffer: Tensor) -> bool:
+    """Whether another tensor (a view handed out earlier) still uses ``buffer``'s memory. Counts the references to
+    its storage (``buffer`` and the temporary storage object make 2); a torch without that count: always in use."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is None or use_count(buffer.untyped_storage()._cdata) > 2
 
 
 def _crow(rows: Tensor, n_rows: int) -> Tensor:
