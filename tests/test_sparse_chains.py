@@ -75,10 +75,14 @@ def test_links_in_hugging_face_gpt2_mlp():
     assert links(sparse_model(mlp)[2]) == {"c_fc.weight": "c_proj.weight"}
 
 
-def _hooked_act():
-    seq = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    seq[1].register_forward_hook(lambda m, a, out: None)
-    return seq
+class TokenFlatten(nn.Linear):
+    def forward(self, x):
+        y = super().forward(x)
+        return y.view(y.shape[0], -1)
+
+
+def _token_flatten():
+    return nn.Sequential(TokenFlatten(8, 4), nn.ReLU(), nn.Linear(20, 3))
 
 
 def _shared_producer():
@@ -102,7 +106,7 @@ class CustomForward(nn.Module):
     [
         (lambda: nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.1), nn.Linear(16, 4)), "a dropout that drops: other units in another layout"),
         (lambda: nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4)), "not elementwise"),
-        (_hooked_act, "a hook might view the tensor"),
+        (_token_flatten, "the producer's forward views its output"),
         (CustomForward, "unknown forward"),
         (lambda: nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Conv1d(16, 4, 1)), "the consumer is not a CSR layer"),
     ],
@@ -150,7 +154,7 @@ def test_linked_layers_give_the_masked_results_and_only_the_container_sees_the_l
     direct = model[0](torch.randn(*leading, 12))
     assert direct.is_contiguous()
     compute.detach()
-    assert not model._forward_hooks and not model._forward_pre_hooks  # the container's hooks are gone too
+    assert not model._forward_hooks and not model._forward_pre_hooks and not model[0]._forward_hooks
 
 
 def test_bf16_autocast_through_a_timm_mlp():
@@ -178,10 +182,69 @@ def test_auto_links_only_when_both_layers_chose_csr():
     first, second = compute.layers["0.weight"], compute.layers["2.weight"]
     for choice in ("masked", "csr"):
         first.choice, second.choice = "csr", choice
-        first.scope.depth = 1
-        assert first.features_slowest == (choice == "csr")
-    first.scope.depth = 0
-    assert not first.features_slowest  # not inside the container's forward
+        y = model(torch.randn(5, 8, requires_grad=True))
+        assert features_slowest(saved_input_of(y, "GeluBackward0")) == (choice == "csr")
+
+
+def _observe(model: nn.Module, case: str, seen: list) -> list:
+    """Attach what could see the producer's output in ``case``; returns handles to remove."""
+    def keep(*tensors):
+        seen.extend(t for t in tensors if isinstance(t, torch.Tensor))
+
+    if case == "forward_hook_added_later":  # a hook that views the tensor, as model code does
+        return [model[1].register_forward_hook(lambda m, a, out: keep(out.view(out.shape[0], -1), out))]
+    if case == "consumer_pre_hook":
+        return [model[2].register_forward_pre_hook(lambda m, a: keep(*a))]
+    if case == "producer_backward_hook":
+        return [model[0].register_full_backward_hook(lambda m, gi, go: keep(*go))]
+    if case == "global_forward_hook":
+        return [nn.modules.module.register_module_forward_hook(lambda m, a, out: keep(out) if m is model[0] else None)]
+    if case == "forward_replaced_on_the_instance":
+        def taps(self, x):
+            outs = []
+            for m in self:
+                x = m(x)
+                outs.append(x)
+            keep(*outs)
+            return x
+
+        model.forward = taps.__get__(model)
+        return []
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize(
+    "case", ["forward_hook_added_later", "consumer_pre_hook", "producer_backward_hook", "global_forward_hook", "forward_replaced_on_the_instance"]
+)
+def test_what_could_see_the_producers_output_gets_the_row_major_layout(case):
+    """Hooks and other callers can appear at any time, before or after the engine starts: each call checks."""
+    seen: list = []
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    handles = _observe(model, case, seen) if case == "consumer_pre_hook" else []  # one registered before the engine
+    model, twin, compute, masks = sparse_model(model)
+    handles += [] if case == "consumer_pre_hook" else _observe(model, case, seen)
+    try:
+        x = torch.randn(2, 3, 8)
+        y = model(x)
+        y.square().sum().backward()
+        torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-6)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen and all(t.is_contiguous() for t in seen), case
+
+
+def test_an_interrupted_container_leaves_no_layout_behind():
+    """KeyboardInterrupt inside the container's forward skips torch's always-called hooks; nothing may stay armed."""
+
+    class Interrupt(nn.Module):
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    model, _, compute, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), Interrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        model(torch.randn(5, 8))
+    assert model[0](torch.randn(5, 8)).is_contiguous()
 
 
 def test_a_deep_copy_of_a_linked_model_runs_dense_and_row_major():

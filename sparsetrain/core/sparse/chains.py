@@ -20,12 +20,21 @@ calls its children one after the other and does nothing else:
 Between the two layers only modules of an exact elementwise type may stand: ``nn.Identity``, the
 ``torch.nn`` activations, timm's and Hugging Face's GELU/SiLU activation classes, and ``nn.Dropout`` with
 ``p == 0`` (a dropout that drops draws its random mask in memory order, so another layout would drop other
-units than the masked path). A link needs both layers to run on CSR, the producer used at one place of the
-model, and no forward hooks on the producer or the modules between (a hook might view the tensor);
-global module hooks turn every link off.
+units than the masked path). Both layers must run ``nn.Linear``'s or ``Conv1D``'s own forward (a subclass's
+forward could view the tensor) on CSR, and the producer must be used at one place of the model.
+
+Hooks and direct calls are checked at every call of the producer (:func:`active`), since they can appear at
+any time: the layout is used only while the container's own forward is the caller (found on the call stack:
+the same layer called from anywhere else, or by a container whose forward was replaced on the instance, returns
+the row-major layout), with no global module hooks, no backward hooks on the modules of the link, no forward
+hooks on the modules between, and no hooks but the engine's own on the producer's output or the consumer's input.
+Whatever cannot be confirmed gets the row-major layout: a link only ever saves copies.
 """
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
 
 from torch import nn
 from torch.nn.modules import module as _module
@@ -46,14 +55,19 @@ _ELEMENTWISE_NAMES = frozenset(
 )  # fmt: skip
 
 
-def links(model: nn.Module, csr_modules: dict[int, str]) -> dict[str, tuple[str, nn.Module]]:
-    """``{producer: (consumer, container)}`` by target name: inside ``container``'s forward (a container of known
-    call order) the producer's output reaches only the consumer, through elementwise modules. Called directly,
-    outside that forward, the producer's output may go anywhere: the engine links only within the container's
-    forward. ``csr_modules``: ``id(module) -> target name`` for the layers that may run on CSR (``nn.Linear``
-    and Hugging Face ``Conv1D``)."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return {}
+@dataclass(frozen=True, eq=False)
+class Link:
+    """A producer's output reaches ``consumer`` (a target name) through ``modules[1:-1]`` inside ``container``."""
+
+    container: nn.Module
+    modules: tuple[nn.Module, ...]  # the producer, the elementwise modules between, the consumer
+    consumer: str
+
+
+def links(model: nn.Module, csr_modules: dict[int, str]) -> dict[str, Link]:
+    """``{producer: Link}`` by target name, for the structure of ``model`` (hooks are checked per call: :func:`active`).
+    ``csr_modules``: ``id(module) -> target name`` for the layers that may run on CSR (``nn.Linear`` and Hugging
+    Face ``Conv1D``)."""
     places: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         places[id(m)] = places.get(id(m), 0) + 1
@@ -61,14 +75,59 @@ def links(model: nn.Module, csr_modules: dict[int, str]) -> dict[str, tuple[str,
     for container in model.modules():
         children = _call_order(container)
         for i, producer in enumerate(children or ()):
-            if id(producer) not in csr_modules or places[id(producer)] != 1 or producer._forward_hooks:
+            if id(producer) not in csr_modules or places[id(producer)] != 1 or not _plain_forward(producer):
                 continue
             j = i + 1
             while j < len(children) and _elementwise(children[j]):
                 j += 1
-            if j < len(children) and id(children[j]) in csr_modules:
-                found[csr_modules[id(producer)]] = (csr_modules[id(children[j])], container)
+            if j < len(children) and id(children[j]) in csr_modules and _plain_forward(children[j]):
+                found[csr_modules[id(producer)]] = Link(container, tuple(children[i : j + 1]), csr_modules[id(children[j])])
     return found
+
+
+def active(link: Link, own_hooks: tuple[type, ...]) -> bool:
+    """At a call of the link's producer: may its output take the CSR layout now? ``own_hooks``: the engine's hook
+    types (allowed on the producer and the consumer)."""
+    if (
+        _module._global_forward_hooks or _module._global_forward_pre_hooks
+        or _module._global_backward_hooks or _module._global_backward_pre_hooks
+        or "forward" in vars(link.container)
+    ):  # fmt: skip
+        return False
+    producer, *between, consumer = link.modules
+    if any(m._backward_hooks or m._backward_pre_hooks for m in link.modules):
+        return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in between):
+        return False
+    if not all(isinstance(h, own_hooks) for h in (*producer._forward_hooks.values(), *consumer._forward_pre_hooks.values())):
+        return False
+    return _called_by(link.container, producer)
+
+
+_CALL_CODES = (nn.Module._call_impl.__code__, nn.Module._wrapped_call_impl.__code__)
+_MAX_FRAMES = 24  # the producer's call is a few frames up: its forward, the engine's mode and product
+
+
+def _called_by(container: nn.Module, producer: nn.Module) -> bool:
+    """Whether the innermost call of ``producer`` on this thread was made by ``container``'s own forward."""
+    frame = sys._getframe(2)
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            return False
+        if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is producer:
+            while frame is not None and frame.f_code in _CALL_CODES:
+                frame = frame.f_back
+            return frame is not None and frame.f_code is type(container).forward.__code__ and frame.f_locals.get("self") is container
+        frame = frame.f_back
+    return False
+
+
+def _plain_forward(module: nn.Module) -> bool:
+    """``nn.Linear``'s or Hugging Face ``Conv1D``'s own forward (not a subclass's, not one set on the instance)."""
+    if "forward" in vars(module):
+        return False
+    cls = type(module)
+    return cls.forward is nn.Linear.forward or (cls.__name__ == "Conv1D" and cls.__module__ == "transformers.pytorch_utils")
 
 
 def _call_order(container: nn.Module) -> list[nn.Module] | None:
@@ -82,9 +141,9 @@ def _call_order(container: nn.Module) -> list[nn.Module] | None:
 
 
 def _elementwise(module: nn.Module) -> bool:
-    if module._forward_hooks or module._forward_pre_hooks:
-        return False
     cls = type(module)
+    if "forward" in vars(module):
+        return False
     if cls is nn.Dropout:
         return module.p == 0
     return cls in _ELEMENTWISE_TYPES or (cls.__module__, cls.__name__) in _ELEMENTWISE_NAMES

@@ -115,14 +115,14 @@ class _Layer:
     foreign: bool = False  # the forward uses the weight in a call the kernels do not replace: masked for good
     handles: list = field(default_factory=list)
     mode: TorchFunctionMode | None = None
-    feeds: _Layer | None = None  # in `scope`'s forward, the CSR layer its output reaches through elementwise modules only
-    scope: _Scope | None = None
+    feeds: _Layer | None = None  # the CSR layer its output reaches through elementwise modules only (.chains)
+    link: chains.Link | None = None
 
     @property
     def features_slowest(self) -> bool:
-        """Return the output in the CSR product's own layout (:mod:`.chains`): called by its container, with this
-        layer and the one it feeds both on CSR."""
-        return self.choice == "csr" and self.feeds is not None and self.feeds.choice == "csr" and self.scope.depth > 0
+        """Return the output in the CSR product's own layout (:mod:`.chains`): this layer and the one it feeds both
+        on CSR, called by its container's forward, and nothing else able to see the output."""
+        return self.choice == "csr" and self.feeds is not None and self.feeds.choice == "csr" and chains.active(self.link, (_Enter,))
 
     @property
     def transposed(self) -> bool:
@@ -180,7 +180,6 @@ class SparseCompute:
         self.layers: dict[str, _Layer] = {}
         self._target_names = list(targets)
         self._cache: dict[tuple, dict[str, float]] = {}
-        self._scopes: dict[int, _Scope] = {}
         uses = _uses(model, targets)
         for name, param in targets.items():
             reason, owner = _refusal(name, param, uses.get(name, []), model)
@@ -199,17 +198,9 @@ class SparseCompute:
         if missing:
             raise SparsityConfigError(f"SparseCompute: no mask for {', '.join(missing)}")
         csr_modules = {id(layer.module): n for n, layer in self.layers.items() if layer.kind in ("linear", "hf_conv1d")}
-        links = chains.links(model, csr_modules)  # before our own hooks are on the modules
+        for producer, link in chains.links(model, csr_modules).items():  # checked again at every call (chains.active)
+            self.layers[producer].feeds, self.layers[producer].link = self.layers[link.consumer], link
         self.update_masks(masks)
-        self._link(links)
-
-    def _link(self, links: dict[str, tuple[str, nn.Module]]) -> None:
-        """Let the layers hand their output to the next CSR layer in the CSR layout (:mod:`.chains`), with the hooks
-        that tell when their container runs."""
-        for producer, (consumer, container) in links.items():
-            if id(container) not in self._scopes:
-                self._scopes[id(container)] = _Scope(container)
-            self.layers[producer].feeds, self.layers[producer].scope = self.layers[consumer], self._scopes[id(container)]
 
     # ------------------------------------------------------------------ engine-facing
     def update_masks(self, masks: Mapping[str, Tensor]) -> None:
@@ -300,9 +291,7 @@ class SparseCompute:
             _unhook(layer)
             if layer.pattern is not None:
                 layer.pattern.release()
-        for scope in self._scopes.values():
-            scope.remove()
-        self.layers, self._scopes = {}, {}
+        self.layers = {}
 
     # ------------------------------------------------------------------ the forward
     def _run(self, layer: _Layer, func, args: tuple, kwargs: dict, x: Tensor, bias: Tensor | None):
@@ -475,42 +464,6 @@ class _Exit(_Enter):
             self.layer.mode.__exit__(None, None, None)
             if self.layer.choice == "masked":  # decided (auto): no interception cost from now on
                 _unhook(self.layer)
-
-
-class _Scope:
-    """Counts the forwards of a container with links that are in progress (a pre-hook and an always-called forward
-    hook on it): a linked layer returns the CSR layout only while its container's forward calls it."""
-
-    def __init__(self, container: nn.Module):
-        self.depth = 0
-        self.handles = [
-            container.register_forward_pre_hook(_ScopeEnter(self)),
-            container.register_forward_hook(_ScopeExit(self), always_call=True),
-        ]
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-
-class _ScopeEnter:
-    """Copies (deepcopy, pickle) are inert, as :class:`_Enter`'s."""
-
-    def __init__(self, scope: _Scope):
-        self.scope = scope
-
-    def __call__(self, module, args):
-        if self.scope is not None:
-            self.scope.depth += 1
-
-    def __getstate__(self):
-        return {"scope": None}
-
-
-class _ScopeExit(_ScopeEnter):
-    def __call__(self, module, args, output):
-        if self.scope is not None:
-            self.scope.depth -= 1
 
 
 def refusals(model: nn.Module, targets: Mapping[str, Tensor]) -> dict[str, str]:
