@@ -516,13 +516,8 @@ def test_torch_compile_runs_the_sparse_kernels_and_gives_the_masked_results():
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 12), nn.GELU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4))
-    targets = {n: p for n, p in model.named_parameters() if n.endswith("weight")}
-    masks = {n: torch.rand(p.shape) < 0.3 for n, p in targets.items()}
-    with torch.no_grad():
-        for n, p in targets.items():
-            p.mul_(masks[n])
-    reference = copy.deepcopy(model)
-    compute = SparseCompute(model, targets, masks, "sparse")
+    _, masks, compute = sparse_model(model)
+    reference = copy.deepcopy(model)  # a copy's hooks are inert: it runs the masked path
     compiled = torch.compile(model, backend="eager")
     for _ in range(2):  # the second call runs what the first compiled
         x = torch.randn(6, 10)
