@@ -199,6 +199,30 @@ def _observe(model: nn.Module, case: str, seen: list) -> list:
         return [model[0].register_full_backward_hook(lambda m, gi, go: keep(*go))]
     if case == "global_forward_hook":
         return [nn.modules.module.register_module_forward_hook(lambda m, a, out: keep(out) if m is model[0] else None)]
+    if case == "consumer_forward_hook":  # a forward hook gets the module's inputs (activation statistics, Wanda)
+        return [model[2].register_forward_hook(lambda m, a, out: keep(*a))]
+    if case in ("child_replaced", "child_inserted"):
+        class Tap(nn.Module):  # replaced: the GELU it stands for; inserted: the identity (same function as the twin)
+            def forward(self, x):
+                keep(x)
+                return F.gelu(x) if case == "child_replaced" else x
+
+        if case == "child_replaced":
+            model[1] = Tap()
+        else:
+            model.insert(1, Tap())
+        return []
+    if case in ("forward_patched_on_the_activation", "forward_patched_on_the_producer"):
+        module = model[1] if case == "forward_patched_on_the_activation" else model[0]
+        original = module.forward
+
+        def patched(x):
+            out = original(x)
+            keep(out)
+            return out
+
+        module.forward = patched  # as accelerate's add_hook_to_module does
+        return []
     if case == "forward_replaced_on_the_instance":
         def taps(self, x):
             outs = []
@@ -214,8 +238,11 @@ def _observe(model: nn.Module, case: str, seen: list) -> list:
 
 
 @pytest.mark.parametrize(
-    "case", ["forward_hook_added_later", "consumer_pre_hook", "producer_backward_hook", "global_forward_hook", "forward_replaced_on_the_instance"]
-)
+    "case",
+    ["forward_hook_added_later", "consumer_pre_hook", "consumer_forward_hook", "producer_backward_hook", "global_forward_hook",
+     "forward_replaced_on_the_instance", "child_replaced", "child_inserted", "forward_patched_on_the_activation",
+     "forward_patched_on_the_producer"],
+)  # fmt: skip
 def test_what_could_see_the_producers_output_gets_the_row_major_layout(case):
     """Hooks and other callers can appear at any time, before or after the engine starts: each call checks."""
     seen: list = []
@@ -232,6 +259,47 @@ def test_what_could_see_the_producers_output_gets_the_row_major_layout(case):
         for handle in handles:
             handle.remove()
     assert seen and all(t.is_contiguous() for t in seen), case
+
+
+def test_a_dropout_raised_after_the_start_drops_what_the_masked_path_drops():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Dropout(0.0), nn.Linear(16, 4))
+    model, twin, compute, _ = sparse_model(model)
+    assert links(compute) == {"0.weight": "2.weight"}
+    model[1].p = twin[1].p = 0.5
+    x = torch.randn(6, 8)
+    torch.manual_seed(1)
+    y = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_hooks_on_the_container_keep_the_link():
+    """The container's own hooks see its input and output (row-major): the link stays."""
+    seen: list = []
+    model, twin, compute, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)))
+    model.register_forward_hook(lambda m, a, out: seen.extend([*a, out]))
+    x = torch.randn(5, 8, requires_grad=True)
+    y = model(x)
+    assert features_slowest(saved_input_of(y, "GeluBackward0"))
+    assert all(t.is_contiguous() for t in seen)
+    torch.testing.assert_close(y, twin(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_patched_timm_mlp_forward_ends_the_link(monkeypatch):
+    timm_mlp = pytest.importorskip("timm.layers.mlp")  # the apps extra
+    seen: list = []
+    model, twin, compute, _ = sparse_model(timm_mlp.Mlp(8, 32, 8))
+    original = timm_mlp.Mlp.forward
+
+    def patched(self, x):
+        h = self.fc1(x)
+        seen.append(h)
+        return self.fc2(self.drop1(self.act(h)))
+
+    monkeypatch.setattr(timm_mlp.Mlp, "forward", patched)
+    model(torch.randn(2, 3, 8))
+    assert seen and all(t.is_contiguous() for t in seen)
+    monkeypatch.setattr(timm_mlp.Mlp, "forward", original)
 
 
 def test_an_interrupted_container_leaves_no_layout_behind():

@@ -23,11 +23,13 @@ Between the two layers only modules of an exact elementwise type may stand: ``nn
 units than the masked path). Both layers must run ``nn.Linear``'s or ``Conv1D``'s own forward (a subclass's
 forward could view the tensor) on CSR, and the producer must be used at one place of the model.
 
-Hooks and direct calls are checked at every call of the producer (:func:`active`), since they can appear at
-any time: the layout is used only while the container's own forward is the caller (found on the call stack:
+The structure, hooks and callers are checked again at every call of the producer (:func:`active`), since
+they can change at any time (a module replaced or inserted, a forward patched on an instance or a class, a
+dropout's ``p`` raised, a hook added): the layout is used only while the container's own forward is the caller (found on the call stack:
 the same layer called from anywhere else, or by a container whose forward was replaced on the instance, returns
 the row-major layout), with no global module hooks, no backward hooks on the modules of the link, no forward
-hooks on the modules between, and no hooks but the engine's own on the producer's output or the consumer's input.
+hooks on the modules between, and no hooks but the engine's own on the producer's output or the consumer's inputs (forward pre-hooks and
+forward hooks, which get the inputs too).
 Whatever cannot be confirmed gets the row-major layout: a link only ever saves copies.
 """
 
@@ -60,14 +62,16 @@ class Link:
     """A producer's output reaches ``consumer`` (a target name) through ``modules[1:-1]`` inside ``container``."""
 
     container: nn.Module
+    forward: object  # the container class's forward when the link was found
+    index: int  # the producer's place in the container's call order
     modules: tuple[nn.Module, ...]  # the producer, the elementwise modules between, the consumer
     consumer: str
 
 
 def links(model: nn.Module, csr_modules: dict[int, str]) -> dict[str, Link]:
-    """``{producer: Link}`` by target name, for the structure of ``model`` (hooks are checked per call: :func:`active`).
-    ``csr_modules``: ``id(module) -> target name`` for the layers that may run on CSR (``nn.Linear`` and Hugging
-    Face ``Conv1D``)."""
+    """``{producer: Link}`` by target name, for the structure of ``model`` (everything is checked again per call:
+    :func:`active`). ``csr_modules``: ``id(module) -> target name`` for the layers that may run on CSR
+    (``nn.Linear`` and Hugging Face ``Conv1D``)."""
     places: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         places[id(m)] = places.get(id(m), 0) + 1
@@ -75,33 +79,48 @@ def links(model: nn.Module, csr_modules: dict[int, str]) -> dict[str, Link]:
     for container in model.modules():
         children = _call_order(container)
         for i, producer in enumerate(children or ()):
-            if id(producer) not in csr_modules or places[id(producer)] != 1 or not _plain_forward(producer):
+            if id(producer) not in csr_modules or places[id(producer)] != 1:
                 continue
             j = i + 1
             while j < len(children) and _elementwise(children[j]):
                 j += 1
-            if j < len(children) and id(children[j]) in csr_modules and _plain_forward(children[j]):
-                found[csr_modules[id(producer)]] = Link(container, tuple(children[i : j + 1]), csr_modules[id(children[j])])
+            if j < len(children) and id(children[j]) in csr_modules and _unchanged(children[i : j + 1]):
+                modules = tuple(children[i : j + 1])
+                found[csr_modules[id(producer)]] = Link(container, type(container).forward, i, modules, csr_modules[id(children[j])])
     return found
 
 
 def active(link: Link, own_hooks: tuple[type, ...]) -> bool:
-    """At a call of the link's producer: may its output take the CSR layout now? ``own_hooks``: the engine's hook
-    types (allowed on the producer and the consumer)."""
+    """At a call of the link's producer: may its output take the CSR layout now? Checks the structure again (a
+    module replaced or inserted, a forward patched, a dropout's ``p`` raised since), the hooks (``own_hooks``: the
+    engine's hook types, allowed on the producer and the consumer) and the caller."""
+    container = link.container
     if (
         _module._global_forward_hooks or _module._global_forward_pre_hooks
         or _module._global_backward_hooks or _module._global_backward_pre_hooks
-        or "forward" in vars(link.container)
+        or type(container).forward is not link.forward or "forward" in vars(container)
     ):  # fmt: skip
+        return False
+    children = _call_order(container)
+    if children is None or len(children) < link.index + len(link.modules):
+        return False
+    if any(a is not b for a, b in zip(children[link.index :], link.modules)) or not _unchanged(link.modules):
         return False
     producer, *between, consumer = link.modules
     if any(m._backward_hooks or m._backward_pre_hooks for m in link.modules):
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in between):
         return False
-    if not all(isinstance(h, own_hooks) for h in (*producer._forward_hooks.values(), *consumer._forward_pre_hooks.values())):
+    own = (*producer._forward_hooks.values(), *consumer._forward_pre_hooks.values(), *consumer._forward_hooks.values())
+    if not all(isinstance(h, own_hooks) for h in own):
         return False
-    return _called_by(link.container, producer)
+    return _called_by(container, producer)
+
+
+def _unchanged(modules) -> bool:
+    """Producer and consumer run their class's own ``nn.Linear``/``Conv1D`` forward; the modules between are elementwise."""
+    producer, *between, consumer = modules
+    return _plain_forward(producer) and _plain_forward(consumer) and all(_elementwise(m) for m in between)
 
 
 _CALL_CODES = (nn.Module._call_impl.__code__, nn.Module._wrapped_call_impl.__code__)
@@ -109,7 +128,9 @@ _MAX_FRAMES = 24  # the producer's call is a few frames up: its forward, the eng
 
 
 def _called_by(container: nn.Module, producer: nn.Module) -> bool:
-    """Whether the innermost call of ``producer`` on this thread was made by ``container``'s own forward."""
+    """Whether the innermost call of ``producer`` on this thread was made by ``container``'s own forward. Reads the
+    locals of call frames only (the module's ``__call__``, and the one that called the container's forward): a
+    snapshot of the forward's own locals would keep its previous activation alive until the container returns."""
     frame = sys._getframe(2)
     for _ in range(_MAX_FRAMES):
         if frame is None:
@@ -117,7 +138,10 @@ def _called_by(container: nn.Module, producer: nn.Module) -> bool:
         if frame.f_code in _CALL_CODES and frame.f_locals.get("self") is producer:
             while frame is not None and frame.f_code in _CALL_CODES:
                 frame = frame.f_back
-            return frame is not None and frame.f_code is type(container).forward.__code__ and frame.f_locals.get("self") is container
+            if frame is None or frame.f_code is not type(container).forward.__code__:
+                return False
+            caller = frame.f_back  # the container's __call__ (or the closure it runs its forward in, with hooks)
+            return caller is not None and caller.f_locals.get("self") is container
         frame = frame.f_back
     return False
 
@@ -135,7 +159,9 @@ def _call_order(container: nn.Module) -> list[nn.Module] | None:
     if isinstance(container, nn.Sequential) and cls.forward is nn.Sequential.forward:
         return list(container)
     names = _CALL_ORDER.get((cls.__module__, cls.__name__))
-    if names is None or not all(isinstance(getattr(container, n, None), nn.Module) for n in names):
+    if names is None or cls.forward.__qualname__ != f"{cls.__name__}.forward" or cls.forward.__module__ != cls.__module__:
+        return None  # not that class's own forward (patched)
+    if not all(isinstance(getattr(container, n, None), nn.Module) for n in names):
         return None
     return [getattr(container, n) for n in names]
 
