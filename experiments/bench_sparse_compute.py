@@ -107,7 +107,7 @@ def build(name: str, device: str) -> tuple[nn.Module, tuple, callable]:
         dims, batch = {"mlp4096": ((1024, 4096, 4096, 1024), 256), "vitb_mlp": ((768, 3072, 768), 512),
                        "lenet": ((784, 300, 100, 10), 256)}[name.removesuffix("_unlinked")]  # fmt: skip
         model = UnlinkedMLP(dims) if name.endswith("_unlinked") else mlp(dims)
-        model, data, loss = model, (torch.randn(batch, dims[0]), torch.randint(0, dims[-1], (batch,))), ce
+        data, loss = (torch.randn(batch, dims[0]), torch.randint(0, dims[-1], (batch,))), ce
     elif name == "vit_s":
         import timm
 

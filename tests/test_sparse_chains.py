@@ -248,7 +248,7 @@ def test_what_could_see_the_producers_output_gets_the_row_major_layout(case):
     seen: list = []
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
     handles = _observe(model, case, seen) if case == "consumer_pre_hook" else []  # one registered before the engine
-    model, twin, compute, masks = sparse_model(model)
+    model, twin, _, _ = sparse_model(model)
     handles += [] if case == "consumer_pre_hook" else _observe(model, case, seen)
     try:
         x = torch.randn(2, 3, 8)
@@ -276,7 +276,7 @@ def test_a_dropout_raised_after_the_start_drops_what_the_masked_path_drops():
 def test_hooks_on_the_container_keep_the_link():
     """The container's own hooks see its input and output (row-major): the link stays."""
     seen: list = []
-    model, twin, compute, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)))
+    model, twin, _, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)))
     model.register_forward_hook(lambda m, a, out: seen.extend([*a, out]))
     x = torch.randn(5, 8, requires_grad=True)
     y = model(x)
@@ -288,7 +288,7 @@ def test_hooks_on_the_container_keep_the_link():
 def test_a_patched_timm_mlp_forward_ends_the_link(monkeypatch):
     timm_mlp = pytest.importorskip("timm.layers.mlp")  # the apps extra
     seen: list = []
-    model, twin, compute, _ = sparse_model(timm_mlp.Mlp(8, 32, 8))
+    model, _, _, _ = sparse_model(timm_mlp.Mlp(8, 32, 8))
     original = timm_mlp.Mlp.forward
 
     def patched(self, x):
@@ -309,7 +309,7 @@ def test_an_interrupted_container_leaves_no_layout_behind():
         def forward(self, x):
             raise KeyboardInterrupt
 
-    model, _, compute, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), Interrupt()))
+    model, _, _, _ = sparse_model(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), Interrupt()))
     with pytest.raises(KeyboardInterrupt):
         model(torch.randn(5, 8))
     assert model[0](torch.randn(5, 8)).is_contiguous()
@@ -317,7 +317,7 @@ def test_an_interrupted_container_leaves_no_layout_behind():
 
 def test_a_deep_copy_of_a_linked_model_runs_dense_and_row_major():
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
-    model, twin, compute, _ = sparse_model(model)
+    model, twin, _, _ = sparse_model(model)
     clone = copy.deepcopy(model)
     x = torch.randn(5, 8)
     torch.testing.assert_close(clone(x), twin(x))
