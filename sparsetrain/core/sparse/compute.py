@@ -350,16 +350,18 @@ _DENSE_PRODUCTS = {  # the masked path's product for each kind of layer, from th
 def _sparse_product(layer: _Layer, kernel: str):
     """``f(x, weight, bias, dense_grad, dtype, pattern=layer's)``: the layer's product on ``kernel``."""
     if kernel == "2:4":
-        return lambda x, weight, bias, dense_grad, dtype, pattern=None: semi_structured_linear(
-            x, weight, bias, layer.semi if pattern is None else pattern, dense_grad, dtype
-        )
-    if layer.kind == "conv1x1":
-        return lambda x, weight, bias, dense_grad, dtype, pattern=None: csr_conv1x1(
-            x, weight, bias, layer.pattern if pattern is None else pattern, dense_grad, dtype
-        )
-    return lambda x, weight, bias, dense_grad, dtype, pattern=None: csr_linear(
-        x, weight, bias, layer.pattern if pattern is None else pattern, dense_grad, dtype, layer.features_slowest
-    )
+        fn = semi_structured_linear
+    else:
+        fn = csr_conv1x1 if layer.kind == "conv1x1" else csr_linear
+
+    def product(x, weight, bias, dense_grad, dtype, pattern=None):
+        if pattern is None:
+            pattern = layer.semi if kernel == "2:4" else layer.pattern
+        if fn is csr_linear:  # the layout of its output is decided per call (.chains)
+            return csr_linear(x, weight, bias, pattern, dense_grad, dtype, layer.features_slowest)
+        return fn(x, weight, bias, pattern, dense_grad, dtype)
+
+    return product
 
 
 def _rows(layer: _Layer, x: Tensor) -> int:
