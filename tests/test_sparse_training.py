@@ -12,6 +12,7 @@ from torch import nn
 
 import sparsetrain
 from sparsetrain import SparsityCallback, SparsityConfigError
+from sparsetrain.checkpoint import load_masks
 from tests.helpers import TinyNet, random_loader, trainer
 
 STEPS = 20  # 160 samples in batches of 8: 20 optimizer steps
@@ -105,6 +106,57 @@ def test_linked_layers_in_a_sequential_give_the_masks_and_weights_of_the_masked_
         assert int(sparse.get_parameter(n)[~m].ne(0).sum()) == 0, n
     for n, p in masked.named_parameters():
         torch.testing.assert_close(sparse.get_parameter(n), p, rtol=1e-5, atol=1e-6, msg=n)
+
+
+class ValidatedSequentialMLP(SequentialMLP):
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+class PrunedInValidation(L.Callback):
+    """Non-zero weights at pruned positions in the weights validation runs with (the EMA average, swapped in)."""
+
+    def __init__(self, cb):
+        self.cb, self.found, self.batches = cb, 0, 0
+
+    def on_validation_batch_start(self, trainer, pl_module, *args):
+        if self.cb.masks is not None:
+            self.found += sum(int(pl_module.get_parameter(n)[~m].ne(0).sum()) for n, m in self.cb.masks.items())
+            self.batches += 1
+
+
+@pytest.mark.skipif(not hasattr(L.pytorch.callbacks, "EMAWeightAveraging"), reason="EMAWeightAveraging needs Lightning 2.6")
+@pytest.mark.parametrize("compute", ["masked", "sparse"])
+def test_linked_sparse_kernels_leave_the_masks_in_every_tensor_the_user_gets(compute, tmp_path):
+    """RigL on linked CSR layers with an EMA average, validation and checkpoints by ``val_loss``: the model after fit,
+    the weights validation runs with, the average, a checkpoint saved after fit, ``last.ckpt`` and the best checkpoint
+    hold exact zeros at every pruned position (the kernels read only kept values, so a stray weight would not show
+    in the loss)."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    L.seed_everything(0)
+    model, cb = ValidatedSequentialMLP(), SparsityCallback(seed=0, compute=compute, **METHODS["rigl"])
+    average, probe = EMAWeightAveraging(decay=0.9), PrunedInValidation(cb)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=1, save_last=True)
+    fit_trainer = trainer(max_epochs=2, callbacks=[cb, average, probe, checkpoints], enable_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_trainer.fit(model, random_loader(n=8 * STEPS // 2, batch_size=8), random_loader(n=16, batch_size=8, seed=1))
+        fit_trainer.save_checkpoint(tmp_path / "after_fit.ckpt")
+
+    def at_pruned(get, masks) -> tuple[int, int]:  # (zeros at pruned positions, pruned positions)
+        return sum(int(get(n)[~m].eq(0).sum()) for n, m in masks.items()), sum(int((~m).sum()) for m in masks.values())
+
+    zeros, pruned = at_pruned(model.get_parameter, cb.masks)
+    assert zeros == pruned > 0
+    assert probe.batches > 0 and probe.found == 0
+    averaged = getattr(average._average_model, "module", average._average_model)
+    assert at_pruned(averaged.get_parameter, cb.masks) == (pruned, pruned)
+    assert all(torch.equal(m, cb.masks[n]) for n, m in load_masks(tmp_path / "after_fit.ckpt").items())
+    # a checkpoint from the middle of RigL's schedule holds the masks of its step: counted against those
+    for path in (tmp_path / "after_fit.ckpt", tmp_path / "last.ckpt", checkpoints.best_model_path):
+        zeros, pruned_then = at_pruned(torch.load(path, weights_only=False)["state_dict"].get, load_masks(path))
+        assert zeros == pruned_then > 0, path
 
 
 def test_rigl_ranks_growth_by_the_dense_gradient_on_its_update_steps_only():
